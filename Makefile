@@ -1,0 +1,27 @@
+# One command each on a fresh machine: `make demo`, `make test`.
+# Both create the virtual environment (Python 3.12, pinned deps) when it is missing.
+
+VENV ?= .venv
+PYTHON ?= $(shell scripts/find_python.sh)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements-ci.txt setup.py | cksum | cut -d' ' -f1)
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements-ci.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-ci.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: $(STAMP)
+	$(PY) -m megatron_mxn.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,235 @@
+"""Self-attention on the head-group x dim-slice grid, as a megatron-core SelfAttention.
+
+The layer keeps megatron's parameter names (linear_qkv, linear_proj, q/k_layernorm), its
+forward (QKV, KV cache, RoPE, core attention, output projection) and its checkpoint keys.
+What changes is the meaning of the local rows/columns (see layout.GridLayout) and the core
+attention (core_attention.MxnDotProductAttention).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.inference.contexts import BaseInferenceContext
+from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
+from megatron.core.transformer.attention import (
+    SelfAttention,
+    SelfAttentionSubmodules,
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.typed_torch import apply_module
+from megatron.core.utils import deprecate_inference_params
+
+from megatron_mxn.checkpoint import grid_sharded_factory
+from megatron_mxn.layout import GridLayout, MxnConfigError
+from megatron_mxn.parallel_state import MxnProcessGroupCollection, grid_groups_of
+
+# Options of TransformerConfig the grid attention does not implement: (attribute, allowed value).
+_UNSUPPORTED = (
+    ("attention_output_gate", False),
+    ("flash_decode", False),
+    ("fused_single_qkv_rope", False),
+    ("softmax_type", "vanilla"),
+    ("qk_clip", False),
+    ("experimental_attention_variant", None),
+    ("multi_latent_attention", False),
+)
+
+
+class MxnSelfAttention(SelfAttention):
+    """Exact multi-head (MHA/GQA/MQA) self-attention spread over n head groups x m dim slices.
+
+    Rank (i, j) holds h/n query heads and max(g/n, 1) KV heads, d/m dims of each. Its share of
+    linear_qkv / linear_proj is what megatron's TP linears give a TP rank of an n*m group (only
+    the meaning of the rows changes), so MLP, embeddings, SP, DDP and optimizers are unchanged.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules,
+                 layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.padding,
+                 cp_comm_type: Optional[str] = None, pg_collection=None,
+                 pp_layer_offset: Optional[int] = None, name: Optional[str] = None,
+                 rotary_percent: float = 1.0):
+        if pg_collection is None:
+            pg_collection = MxnProcessGroupCollection.use_mpu_process_groups()
+        grid = grid_groups_of(pg_collection)
+        layout = grid_layout(config, grid.head_groups, grid.dim_slices, rotary_percent)
+        _check_supported(config, pg_collection, grid)
+        # SelfAttention.__init__ would size heads by the TP size n*m (and asserts h % (n*m)),
+        # so the attributes its forward relies on are set here from the grid layout.
+        MegatronModule.__init__(self, config=config)
+        self.config = config
+        self.layer_number = layer_number
+        self._pp_layer_offset = pp_layer_offset
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = "self"
+        self.batch_invariant_mode = config.batch_invariant_mode
+        self.flash_attention_version = config.flash_attention_version
+        self._yarn_concentration_factor = _yarn_get_concentration_factor_from_config(config)
+        self.query_projection_size = config.kv_channels * config.num_attention_heads
+        self.kv_projection_size = config.kv_channels * config.num_query_groups
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        self.world_size = layout.world
+        self.mxn_layout, self.mxn_grid = layout, grid
+        self.hidden_size_per_attention_head = layout.slice_dim
+        self.key_hidden_size = self.val_hidden_size = layout.slice_dim
+        self.num_attention_heads_per_partition = layout.heads_per_rank
+        self.num_query_groups_per_partition = layout.kv_heads_per_rank
+        self.register_buffer(
+            "mxn_rotary_index",
+            torch.tensor(layout.rotary_dims(grid.dim_slice_index), dtype=torch.long),
+            persistent=False)
+
+        self.core_attention = submodules.core_attention(
+            config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+            attention_type="self", cp_comm_type=cp_comm_type,
+            softmax_scale=config.softmax_scale, pg_collection=pg_collection)
+        self.checkpoint_core_attention = (config.recompute_granularity == "selective"
+                                          and "core_attn" in config.recompute_modules)
+        offload = config.fine_grained_activation_offloading
+        self.offload_qkv_linear = offload and "qkv_linear" in config.offload_modules
+        self.offload_core_attention = offload and "core_attn" in config.offload_modules
+        self.offload_attn_proj = offload and "attn_proj" in config.offload_modules
+
+        self.linear_proj = submodules.linear_proj(
+            self.query_projection_size, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=config.add_bias_linear,
+            input_is_parallel=True, skip_bias_add=True, is_expert=False,
+            tp_comm_buffer_name="proj", tp_group=self.tp_group,
+            name=None if name is None else name + ".linear_proj")
+        self.linear_qkv_out_dim = self.query_projection_size + 2 * self.kv_projection_size
+        self.linear_qkv = submodules.linear_qkv(
+            config.hidden_size, self.linear_qkv_out_dim, config=config,
+            init_method=config.init_method, gather_output=False,
+            bias=config.add_bias_linear or config.add_qkv_bias, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name="qkv", tp_group=self.tp_group,
+            name=None if name is None else name + ".linear_qkv")
+        self.q_layernorm = self._build_qk_norm(submodules.q_layernorm)
+        self.k_layernorm = self._build_qk_norm(submodules.k_layernorm)
+
+    def _build_qk_norm(self, norm_cls):
+        config = self.config
+        if not (config.qk_layernorm or config.qk_l2_norm):
+            if norm_cls not in (None, IdentityOp):
+                raise MxnConfigError(f"the spec sets a q/k norm ({norm_cls}) but qk_layernorm "
+                                     "and qk_l2_norm are disabled in the config")
+            return None
+        if norm_cls in (None, IdentityOp):
+            raise MxnConfigError("qk_layernorm/qk_l2_norm is set but the spec has no q/k norm; "
+                                 "build the spec with get_mxn_layer_spec")
+        kind = "L2Norm" if config.qk_l2_norm else config.normalization
+        return norm_cls(config=config, hidden_size=config.kv_channels,
+                        eps=config.layernorm_epsilon,
+                        dims=self.mxn_layout.dims(self.mxn_grid.dim_slice_index),
+                        group=self.mxn_grid.dim_slice_group, kind=kind)
+
+    # ------------------------------------------------------------------ forward
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
+                                    output_gate=False, split_qkv=True):
+        """[sq, b, D] -> query [sq, b, h/n, d/m], key/value [sq, b, kv heads, d/m]."""
+        if output_gate or not split_qkv:
+            raise MxnConfigError("the grid attention needs split q/k/v without output gate")
+        layout = self.mxn_layout
+        mixed, _ = apply_module(self.linear_qkv)(hidden_states)
+        if layout.kv_shared:
+            # This rank holds 1/n of every KV head's K/V rows of slice j: gather them over the
+            # head groups (backward: reduce-scatter, summing the K/V grads of the sharers).
+            nq = layout.heads_per_rank * layout.slice_dim
+            q, kv_piece = mixed.split([nq, mixed.size(-1) - nq], dim=-1)
+            kv = all_gather_last_dim_from_tensor_parallel_region(
+                kv_piece, group=self.mxn_grid.head_group_group)
+            width = 2 * layout.slice_dim
+            c = layout.kv_head_of(self.mxn_grid.head_group_index)
+            mixed = torch.cat([q, kv[..., c * width:(c + 1) * width]], dim=-1)
+        groups = self.num_query_groups_per_partition
+        per_group = self.num_attention_heads_per_partition // groups
+        dl = layout.slice_dim
+        mixed = mixed.view(*mixed.shape[:-1], groups, (per_group + 2) * dl)
+        query, key, value = torch.split(mixed, [per_group * dl, dl, dl], dim=3)
+        query = query.reshape(query.size(0), query.size(1), -1, dl)
+        if self.q_layernorm is not None:
+            query = apply_module(self.q_layernorm)(query)
+        if self.k_layernorm is not None:
+            key = apply_module(self.k_layernorm)(key)
+        return query, key, value
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None,
+                inference_context: Optional[BaseInferenceContext] = None, rotary_pos_emb=None,
+                rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *,
+                inference_params: Optional[BaseInferenceContext] = None):
+        """megatron's attention forward, with the rotary frequencies cut to this dim slice."""
+        inference_context = deprecate_inference_params(inference_context, inference_params)
+        if inference_context is not None and not inference_context.is_static_batching():
+            raise MxnConfigError("the grid attention supports megatron-core's static inference "
+                                 "context (KV cache), not dynamic batching")
+        if packed_seq_params is not None:
+            raise MxnConfigError("the grid attention does not support packed sequences (THD)")
+        return super().forward(
+            hidden_states, attention_mask, key_value_states=key_value_states,
+            inference_context=inference_context,
+            rotary_pos_emb=self._slice_rotary(rotary_pos_emb),
+            rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+            rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset)
+
+    def _slice_rotary(self, rotary_pos_emb):
+        if rotary_pos_emb is None:
+            return None
+        if isinstance(rotary_pos_emb, tuple):
+            return tuple(self._slice_rotary(t) for t in rotary_pos_emb)
+        expected = self.mxn_layout.rotary_dim
+        if rotary_pos_emb.size(-1) != expected:
+            raise MxnConfigError(
+                f"RoPE covers {rotary_pos_emb.size(-1)} head dims but the grid layer was built "
+                f"for {expected} (rotary_percent of get_mxn_layer_spec must match the model's)")
+        return rotary_pos_emb.index_select(-1, self.mxn_rotary_index)
+
+    # ------------------------------------------------------------------ checkpoint
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """megatron's TP keys and global shapes; grid-shaped shards (see checkpoint.py)."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        layout, grid = self.mxn_layout, self.mxn_grid
+        i, j = grid.head_group_index, grid.dim_slice_index
+        for name, indices, chunk, axis in (
+            ("linear_qkv.weight", layout.qkv_rows(i, j), layout.qkv_chunk, 0),
+            ("linear_qkv.bias", layout.qkv_rows(i, j), layout.qkv_chunk, 0),
+            ("linear_proj.weight", layout.proj_columns(i, j), layout.proj_chunk, 1),
+        ):
+            key = prefix + name
+            if key in sd:
+                sd[key] = grid_sharded_factory(sd[key], indices, chunk, axis, sharded_offsets)
+        return sd
+
+
+def grid_layout(config: TransformerConfig, head_groups: int, dim_slices: int,
+                rotary_percent: float = 1.0) -> GridLayout:
+    """The layout of `config`'s attention on an n x m grid (raises MxnConfigError)."""
+    rotary_dim = int(config.kv_channels * rotary_percent) if rotary_percent else 0
+    return GridLayout(head_groups, dim_slices, config.num_attention_heads,
+                      config.num_query_groups, config.kv_channels, rotary_dim,
+                      bool(config.rotary_interleaved))
+
+
+def _check_supported(config: TransformerConfig, pg_collection, grid) -> None:
+    for attr, allowed in _UNSUPPORTED:
+        value = getattr(config, attr, allowed)
+        if value != allowed:
+            raise MxnConfigError(f"{attr}={value!r} is not supported by the grid attention")
+    if config.context_parallel_size > 1:
+        raise MxnConfigError(
+            f"context parallelism (context_parallel_size={config.context_parallel_size}) "
+            f"cannot be combined with the grid attention")
+    tp = pg_collection.tp.size()
+    if tp != grid.head_groups * grid.dim_slices:
+        raise MxnConfigError(f"the TP group ({tp} ranks) must be exactly the grid "
+                             f"({grid.head_groups} x {grid.dim_slices})")
+    mxn_m = getattr(config, "mxn_dim_slices", grid.dim_slices)
+    if mxn_m != grid.dim_slices:
+        raise MxnConfigError(f"config.mxn_dim_slices ({mxn_m}) differs from the grid's dim "
+                             f"slices ({grid.dim_slices})")

@@ -1,0 +1,52 @@
+"""TransformerConfig for grid models whose head counts are not multiples of the TP size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mxn.layout import MxnConfigError
+
+
+@dataclass
+class MxnTransformerConfig(TransformerConfig):
+    """A TransformerConfig whose attention runs on an n x m grid (TP size = n*m).
+
+    megatron-core checks num_attention_heads and num_query_groups against the TP size; the grid
+    only needs them compatible with the head groups n = TP / m. Checking h*m and g*m against
+    n*m is exactly that rule, so the parent validation runs on scaled head counts, which are
+    restored afterwards. Use it when h is not a multiple of n*m (e.g. 12 heads on a 2 x 4 grid);
+    a plain TransformerConfig works whenever megatron-core's own check passes.
+    """
+
+    mxn_dim_slices: int = 1
+    """m: slices of every head's dims. The head groups are tensor_model_parallel_size / m."""
+
+    def __post_init__(self):
+        m, tp = self.mxn_dim_slices, self.tensor_model_parallel_size
+        if not isinstance(m, int) or m < 1 or tp % m:
+            raise MxnConfigError(
+                f"mxn_dim_slices ({m}) must be a positive divisor of "
+                f"tensor_model_parallel_size ({tp})")
+        if self.kv_channels is None and self.num_attention_heads:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        h, g, n = self.num_attention_heads, self.num_query_groups, tp // m
+        if h % n:
+            raise MxnConfigError(
+                f"num_attention_heads ({h}) must be divisible by the head groups n = "
+                f"tensor_model_parallel_size / mxn_dim_slices = {tp} / {m} = {n}")
+        if g % n and n % g:
+            raise MxnConfigError(
+                f"num_query_groups ({g}) and the head groups n ({n}) must divide one another")
+        self.num_attention_heads, self.num_query_groups = h * m, g * m
+        try:
+            super().__post_init__()
+        finally:
+            self.num_attention_heads, self.num_query_groups = h, g
+
+    @property
+    def mxn_head_groups(self) -> int:
+        return self.tensor_model_parallel_size // self.mxn_dim_slices

@@ -1,0 +1,76 @@
+"""Exact softmax attention for one rank (i, j) of the grid.
+
+The rank holds d/m dims of h/n query heads (and of their KV heads). Q_ij K_ij^T is a partial
+sum of the full scores; summing it over the dim-slice group (in fp32) gives S_i = Q_i K_i^T,
+identical on the m ranks. softmax(S_i / sqrt(d)) then uses the full head dim and megatron's own
+masking, and P_i V_ij is local: the output holds dims j of heads i.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mxn.comm import all_reduce_sum
+from megatron_mxn.random import head_group_rng_fork
+from megatron_mxn.parallel_state import grid_groups_of
+
+
+class MxnDotProductAttention(DotProductAttention):
+    """megatron's DotProductAttention, sized for one head group, with the partial-score
+    all-reduce over the dim-slice group between QK^T and the softmax."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int,
+                 attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None):
+        grid = grid_groups_of(pg_collection)
+        # Size the parent for one head group: h/n heads of the full head dim d (so the softmax
+        # scale is 1/sqrt(d)); KV heads shared by several head groups count as one per group.
+        head_view = copy.copy(config)
+        head_view.num_query_groups = max(config.num_query_groups, grid.head_groups)
+        super().__init__(head_view, layer_number, attn_mask_type, attention_type,
+                         attention_dropout=attention_dropout, softmax_scale=softmax_scale,
+                         cp_comm_type=cp_comm_type,
+                         pg_collection=ProcessGroupCollection(tp=grid.head_group_group))
+        self.config = config
+        self.dim_slice_group = grid.dim_slice_group
+        self.head_group_index = grid.head_group_index
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """query [sq, b, h/n, d/m], key/value [sk, b, kv heads, d/m] -> [sq, b, h/n * d/m]."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("the grid attention supports neither packed sequences nor an "
+                             "attention bias")
+        heads = self.num_attention_heads_per_partition
+        repeat = heads // self.num_query_groups_per_partition
+        if repeat > 1:
+            key = key.repeat_interleave(repeat, dim=2)
+            value = value.repeat_interleave(repeat, dim=2)
+        sq, b, _, dl = query.shape
+        sk = key.size(0)
+
+        # Partial scores in fp32, summed over the m dim slices: [b * heads, sq, sk].
+        q = query.permute(1, 2, 0, 3).reshape(b * heads, sq, dl).float()
+        k = key.permute(1, 2, 3, 0).reshape(b * heads, dl, sk).float()
+        scores = all_reduce_sum(torch.bmm(q, k), self.dim_slice_group)
+        scores = (scores * self.softmax_scale).view(b, heads, sq, sk)
+
+        # megatron's masking and softmax (the unfused path: scores are fp32 here).
+        probs = self.scale_mask_softmax.forward_torch_softmax(scores, attention_mask)
+        probs = probs.to(value.dtype)
+        if self.training and self.attention_dropout.p > 0:
+            with head_group_rng_fork(self.head_group_index):
+                probs = self.attention_dropout(probs)
+
+        v = value.permute(1, 2, 0, 3).reshape(b * heads, sk, dl)
+        context = torch.bmm(probs.view(b * heads, sq, sk), v)
+        return context.view(b, heads, sq, dl).permute(2, 0, 1, 3).reshape(sq, b, heads * dl)

@@ -1,0 +1,156 @@
+"""Runtime patches that let megatron-core run on CPU with the gloo backend.
+
+megatron-core assumes a CUDA device in a handful of places (device queries, the CUDA RNG,
+`device="cuda"` literals, streams). Each patch below replaces exactly one of those assumptions
+with its CPU equivalent; nothing here changes numerics. Written for megatron-core 0.19.x and
+torch 2.6-2.14 (checked on 0.19.2 / 2.14.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_mxn.cpu.registry import patch, resolve
+
+CORE = "megatron-core 0.19.x"
+TORCH = "torch 2.6-2.14"
+
+
+def _replace(target: str, make):
+    """Replace `target` (a dotted path) by `make(original)`, keeping the original reachable."""
+    owner_path, attr = target.rsplit(".", 1)
+    owner = resolve(owner_path)
+    original = getattr(owner, attr)
+    replacement = make(original)
+    if inspect.isfunction(replacement):
+        functools.update_wrapper(replacement, original)
+    setattr(owner, attr, replacement)
+
+
+# --------------------------------------------------------------------------- torch.cuda API
+
+
+@patch("torch.cuda.current_device", TORCH, "raises without a CUDA device; megatron uses it as "
+       "the device of every buffer it allocates (memory buffer, KV cache, rotary, grad buffers)")
+def _current_device():
+    _replace("torch.cuda.current_device", lambda orig: lambda: torch.device("cpu"))
+
+
+@patch("torch.cuda.synchronize", TORCH, "raises without a CUDA device (timers, p2p, dist-ckpt)")
+def _synchronize():
+    _replace("torch.cuda.synchronize", lambda orig: lambda device=None: None)
+
+
+class _NoStream:
+    """Stand-in for torch.cuda.Stream/Event: every method is a no-op, CPU work is synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@patch("torch.cuda.Stream", TORCH, "stream objects need a device (DDP, param/grad buffers)")
+def _streams():
+    _replace("torch.cuda.Stream", lambda orig: _NoStream)
+    _replace("torch.cuda.Event", lambda orig: _NoStream)
+    _replace("torch.cuda.current_stream", lambda orig: lambda device=None: _NoStream())
+    _replace("torch.cuda.default_stream", lambda orig: lambda device=None: _NoStream())
+    _replace("torch.cuda.stream", lambda orig: lambda stream=None: contextlib.nullcontext())
+
+
+@patch("torch.cuda.manual_seed", TORCH, "the CUDA generator does not exist on CPU; the CPU "
+       "default generator plays its role (seeded, saved and restored through the same calls)")
+def _cuda_rng_api():
+    gen = torch.default_generator
+    _replace("torch.cuda.manual_seed", lambda orig: lambda seed: gen.manual_seed(int(seed)))
+    _replace("torch.cuda.initial_seed", lambda orig: lambda: gen.initial_seed())
+    _replace("torch.cuda.get_rng_state", lambda orig: lambda device="cuda": gen.get_state())
+    _replace("torch.cuda.set_rng_state",
+             lambda orig: lambda new_state, device="cuda": gen.set_state(new_state))
+
+
+# --------------------------------------------------------------------------- megatron RNG
+
+
+@patch("megatron.core.tensor_parallel.random._get_cuda_rng_state", CORE,
+       "the RNG tracker swaps CUDA generator states in and out on fork(); on CPU it must swap "
+       "the CPU generator so that forked streams (TP dropout, weight init) really differ",
+       fingerprint="6b7c1e4b2a79")
+def _tracker_get_state():
+    _replace("megatron.core.tensor_parallel.random._get_cuda_rng_state",
+             lambda orig: lambda device="cuda", clone=False, graph_safe=False:
+             torch.default_generator.get_state())
+
+
+@patch("megatron.core.tensor_parallel.random._set_cuda_rng_state", CORE,
+       "counterpart of _get_cuda_rng_state: restores into the CPU generator",
+       fingerprint="5d7b1d3f0d9b")
+def _tracker_set_state():
+    _replace("megatron.core.tensor_parallel.random._set_cuda_rng_state",
+             lambda orig: lambda new_state, device=-1, graph_safe=False:
+             torch.default_generator.set_state(new_state))
+
+
+# --------------------------------------------------------------------------- device literals
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA devices in torch calls to CPU: `device="cuda"` literals, `.cuda()`,
+    `.to("cuda")` and `pin_memory=True` (which needs a CUDA driver)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = torch.device("cpu")
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], torch.device("cpu"), *args[2:])
+        return func(*args, **kwargs)
+
+
+_MODE: CudaToCpu | None = None
+
+
+@patch("torch.Tensor.cuda", TORCH, "megatron writes device='cuda' in tensor factories "
+       "(optimizer, clip_grads, schedules, default causal mask) and calls .cuda()")
+def _device_literals():
+    global _MODE
+    _MODE = CudaToCpu()
+    _MODE.__enter__()
+    _replace("torch.nn.Module.cuda", lambda orig: lambda self, device=None: self)
+
+
+class _DropForkWarning:
+    """Logging filter for the tracker's 'CPU RNG state changed within GPU RNG context'."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+@patch("megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork", CORE,
+       "on CPU the forked stream *is* the CPU generator, so fork()'s check that the CPU state "
+       "is unchanged warns on every dropout; the warning is dropped, fork() itself is unchanged",
+       fingerprint="0")
+def _quiet_fork_check():
+    import logging
+
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropForkWarning)

@@ -1,0 +1,83 @@
+"""Layer specs: megatron-core's GPT specs with self-attention replaced by the grid attention."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec, import_module
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from megatron_mxn.attention import MxnSelfAttention
+from megatron_mxn.core_attention import MxnDotProductAttention
+from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.parallel_state import get_grid, mxn_parallel_is_initialized
+from megatron_mxn.qk_norm import SlicedHeadNorm
+
+
+def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_percent: float = 1.0):
+    """Return `base_spec` (a GPT layer ModuleSpec, a TransformerBlockSubmodules, or a block
+    ModuleSpec) with every self-attention replaced by the grid attention.
+
+    dim_slices: m; defaults to the initialized grid's. With m = 1 the grid is plain TP and the
+    spec is returned unchanged (megatron-core's own attention).
+    rotary_percent: the model's RoPE fraction (0 for models without RoPE); it fixes which head
+    dims each slice holds so that RoPE pairs stay on one rank.
+    """
+    if dim_slices is None:
+        if not mxn_parallel_is_initialized():
+            raise MxnConfigError("pass dim_slices or call initialize_mxn_parallel first")
+        dim_slices = get_grid().dim_slices
+    spec = copy.deepcopy(base_spec)
+    if dim_slices == 1:
+        return spec
+    layers = _layer_specs(spec)
+    for layer in layers:
+        attn = getattr(layer.submodules, "self_attention", None)
+        module = attn.module if isinstance(attn, ModuleSpec) else attn
+        if isinstance(module, tuple):
+            module = import_module(module)
+        if not (isinstance(module, type) and issubclass(module, SelfAttention)):
+            raise MxnConfigError(f"the layer spec's self_attention ({module}) is not "
+                                 "megatron-core's SelfAttention; the grid replaces only that")
+        sub = copy.copy(attn.submodules)
+        sub.core_attention = MxnDotProductAttention
+        for name in ("q_layernorm", "k_layernorm"):
+            if getattr(sub, name) not in (None, IdentityOp):
+                setattr(sub, name, SlicedHeadNorm)
+        layer.submodules.self_attention = ModuleSpec(
+            module=MxnSelfAttention, params={**attn.params, "rotary_percent": rotary_percent},
+            submodules=sub)
+    return spec
+
+
+def _layer_specs(spec):
+    if isinstance(spec, TransformerBlockSubmodules):
+        return spec.layer_specs
+    if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
+        return spec.submodules.layer_specs
+    if isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "self_attention"):
+        return [spec]
+    raise MxnConfigError(f"not a GPT layer or block spec: {type(spec).__name__}")
+
+
+def get_mxn_gpt_layer_local_spec(dim_slices: Optional[int] = None,
+                                 rotary_percent: float = 1.0, **kwargs):
+    """megatron-core's get_gpt_layer_local_spec(**kwargs), with the grid attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_mxn_layer_spec(get_gpt_layer_local_spec(**kwargs), dim_slices, rotary_percent)
+
+
+def get_mxn_gpt_layer_te_spec(dim_slices: Optional[int] = None,
+                              rotary_percent: float = 1.0, **kwargs):
+    """megatron-core's get_gpt_layer_with_transformer_engine_spec(**kwargs) (TE linears and
+    norms), with the grid attention; needs Transformer Engine."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    return get_mxn_layer_spec(get_gpt_layer_with_transformer_engine_spec(**kwargs), dim_slices,
+                              rotary_percent)

@@ -1,0 +1,195 @@
+"""Model building and measuring helpers shared by the distributed test cases.
+
+Everything here runs inside a worker rank (tests/pool.py) with CPU mode enabled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+import megatron_mxn
+from megatron_mxn import MxnTransformerConfig
+
+VOCAB = 128
+SEQ = 16
+BATCH = 2
+SEED = 1234
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Everything that defines a test model, independent of its parallel layout."""
+
+    num_layers: int = 2
+    hidden: int = 64
+    heads: int = 8
+    kv_heads: int = 2
+    head_dim: int = 16
+    position: str = "rope"  # rope | learned_absolute | none
+    rotary_percent: float = 1.0
+    interleaved: bool = False
+    qk_norm: Optional[str] = None  # None | LayerNorm | RMSNorm
+    qkv_bias: bool = False
+    dtype: str = "fp32"
+    attention_dropout: float = 0.0
+    padding_mask: bool = False
+
+
+def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = False,
+                **extra) -> MxnTransformerConfig:
+    dtype = DTYPES[spec.dtype]
+    return MxnTransformerConfig(
+        num_layers=spec.num_layers, hidden_size=spec.hidden, ffn_hidden_size=4 * spec.hidden,
+        num_attention_heads=spec.heads, num_query_groups=spec.kv_heads,
+        kv_channels=spec.head_dim, tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp, mxn_dim_slices=m, sequence_parallel=sp,
+        pipeline_dtype=dtype, params_dtype=dtype, bf16=spec.dtype == "bf16",
+        fp16=spec.dtype == "fp16", hidden_dropout=0.0,
+        attention_dropout=spec.attention_dropout, rotary_interleaved=spec.interleaved,
+        qk_layernorm=spec.qk_norm is not None, normalization=spec.qk_norm or "LayerNorm",
+        add_qkv_bias=spec.qkv_bias, use_cpu_initialization=True, **extra)
+
+
+def build_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool):
+    """GPTModel for this rank's pipeline stage, with the grid spec or megatron's stock one."""
+    layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm is not None,
+                                     normalization=spec.qk_norm)
+    if grid:
+        rotary = spec.rotary_percent if spec.position == "rope" else 0.0
+        layer = megatron_mxn.get_mxn_layer_spec(layer, rotary_percent=rotary)
+    model = GPTModel(
+        config, layer, VOCAB, SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        position_embedding_type=spec.position, rotary_percent=spec.rotary_percent,
+        pg_collection=pgs)
+    return model.to(DTYPES[spec.dtype])
+
+
+def seed_all(seed: int = SEED) -> None:
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def batch(spec: ModelSpec, seed: int = 7) -> Dict[str, torch.Tensor]:
+    """The same random batch on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    mask = None
+    if spec.padding_mask:
+        # causal + the last 3 keys of sample 1 padded (True = masked out, megatron's convention)
+        causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)
+        mask = causal.expand(BATCH, 1, SEQ, SEQ).clone()
+        mask[1, :, :, SEQ - 3:] = True
+        mask[1, :, SEQ - 3:, :] = causal[SEQ - 3:]  # padded queries still see themselves
+    pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    return {"tokens": tokens, "labels": labels, "position_ids": pos, "attention_mask": mask}
+
+
+def wrap_ddp(model, config, pgs):
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    return DistributedDataParallel(config, ddp_config, model, pg_collection=pgs)
+
+
+def train_step(ddp_model, config, data, pgs) -> Dict[str, Optional[torch.Tensor]]:
+    """One forward/backward through megatron's schedule, then finalize_model_grads.
+
+    Returns the full (TP-gathered) logits and the mean LM loss on the last stage, else None."""
+    record = {}
+
+    def forward_step(data_iterator, model):
+        d = next(data_iterator)
+        output = model(d["tokens"], d["position_ids"], d["attention_mask"])
+
+        def loss_func(output_tensor):
+            full = tensor_parallel.gather_from_tensor_model_parallel_region(
+                output_tensor.detach(), group=pgs.tp)
+            record["logits"] = full.float().clone()  # [b, s, V]; CE below works in place
+            losses = tensor_parallel.vocab_parallel_cross_entropy(
+                output_tensor.float(), d["labels"], tp_group=pgs.tp)
+            loss = losses.mean()
+            record["loss"] = loss.detach()
+            return loss, {}
+
+        return output, loss_func
+
+    ddp_model.zero_grad_buffer()
+    forward_backward = get_forward_backward_func()
+    forward_backward(forward_step_func=forward_step, data_iterator=iter([data]),
+                     model=[ddp_model], num_microbatches=1, seq_length=SEQ,
+                     micro_batch_size=BATCH, forward_only=False)
+    finalize_model_grads([ddp_model], pg_collection=pgs)
+    return record
+
+
+def _main_replica(replica_id) -> bool:
+    ids = replica_id if isinstance(replica_id, tuple) else (replica_id,)
+    return all(r == 0 for r in ids)
+
+
+def full_layout(model, tensor_of: Callable[[torch.nn.Parameter], torch.Tensor]
+                ) -> Dict[str, torch.Tensor]:
+    """Assemble, on every rank, the full (TP=1) tensor of every parameter under its checkpoint
+    key, from each rank's local `tensor_of(param)`, using the model's own sharded_state_dict."""
+    params = {id(p): p for p in model.parameters()}
+    shards = []
+    for item in nested_values(model.sharded_state_dict()):
+        if isinstance(item, ShardedObject) or id(item.data) not in params:
+            continue
+        local = tensor_of(params[id(item.data)])
+        item = dataclasses.replace(item, data=local)
+        pieces = item.build() if isinstance(item, ShardedTensorFactory) else [item]
+        shards += [p for p in pieces if isinstance(p, ShardedTensor)]
+    # Agree on the set of keys and shapes (PP stages hold different ones).
+    meta = {s.key: s.global_shape for s in shards}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, meta)
+    keys = sorted({k: v for m in everyone for k, v in m.items()}.items())
+    out = {k: torch.zeros(shape, dtype=torch.float64) for k, shape in keys}
+    for s in shards:
+        if _main_replica(s.replica_id):
+            index = tuple(slice(o, o + n) for o, n in
+                          zip(s.global_offset, (1,) * s.prepend_axis_num + tuple(s.local_shape)))
+            out[s.key][index] += s.data.detach().double().reshape(
+                (1,) * s.prepend_axis_num + tuple(s.local_shape))
+    for k in out:
+        dist.all_reduce(out[k])
+    return out
+
+
+def save(model, path: str) -> None:
+    dist_checkpointing.save(model.sharded_state_dict(), path)
+
+
+def load(model, path: str) -> None:
+    state = dist_checkpointing.load(model.sharded_state_dict(), path)
+    model.load_state_dict(state, strict=False)
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the error relative to the tensor's scale."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()

@@ -1,0 +1,125 @@
+"""A pool of worker processes forming one gloo world, reused across test cases.
+
+Starting a rank costs seconds (importing torch and megatron on 2 cores), so each world size gets
+one pool per test session. `pool.run(fn, **kwargs)` runs `fn(**kwargs)` on every rank (SPMD) and
+returns the per-rank results; an exception on any rank fails the call with every rank's
+traceback. A call that does not finish in time kills the pool (a hung collective cannot be
+recovered) and the next call starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import time
+import traceback
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tasks, results) -> None:
+    os.setpgrp()  # own process group: close() also kills helpers this rank spawns
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+    import torch
+
+    torch.set_num_threads(1)
+    import megatron_mxn.cpu
+
+    megatron_mxn.cpu.enable()
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results.put((rank, "ready", None))
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        module, name, kwargs = task
+        try:
+            fn = getattr(importlib.import_module(module), name)
+            results.put((rank, "ok", fn(**kwargs)))
+        except BaseException:  # noqa: BLE001  (reported to the test, which fails)
+            results.put((rank, "error", traceback.format_exc()))
+        finally:
+            _reset_parallel_state()
+
+
+def _reset_parallel_state() -> None:
+    """Leave no parallel state behind, whatever the case did."""
+    from megatron.core import parallel_state
+
+    import megatron_mxn
+
+    megatron_mxn.destroy_mxn_parallel()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+class WorkerPool:
+    def __init__(self, world_size: int, start_timeout: float = 300):
+        self.world_size = world_size
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.results = ctx.Queue()
+        self.procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results),
+                        daemon=False)  # ranks spawn helpers (dist-ckpt's writer queue)
+            for r in range(world_size)
+        ]
+        atexit.register(self.close, force=True)
+        for p in self.procs:
+            p.start()
+        self._collect("ready", start_timeout)
+
+    def _collect(self, what: str, timeout: float):
+        out, errors = {}, {}
+        deadline = time.monotonic() + timeout
+        while len(out) + len(errors) < self.world_size:
+            try:
+                rank, status, value = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close(force=True)
+                missing = sorted(set(range(self.world_size)) - set(out) - set(errors))
+                raise TimeoutError(f"ranks {missing} did not finish {what} within {timeout:.0f} s"
+                                   + "".join(f"\n--- rank {r} failed:\n{e}" for r, e in errors.items()))
+            if status == "error":
+                errors[rank] = value
+                deadline = min(deadline, time.monotonic() + 60)  # peers may hang in a collective
+            else:
+                out[rank] = value
+        if errors:
+            raise AssertionError("".join(f"\n--- rank {r}:\n{e}" for r, e in sorted(errors.items())))
+        return [out[r] for r in range(self.world_size)]
+
+    def run(self, fn, timeout: float = 600, **kwargs):
+        """Run fn(**kwargs) on every rank; return the list of per-rank results."""
+        for q in self.tasks:
+            q.put((fn.__module__, fn.__name__, kwargs))
+        return self._collect(f"{fn.__name__}", timeout)
+
+    @property
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for q in self.tasks:
+                q.put(None)
+            for p in self.procs:
+                p.join(timeout=10)
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, TypeError):
+                pass
