@@ -45,13 +45,12 @@ class GridLayout:
             raise MxnConfigError(f"head dim kv_channels ({d}) must be divisible by the dim "
                                  f"slices m ({m})")
         if r:
-            if r % (2 * m) or r > d:
+            if r > d:
+                raise MxnConfigError(f"rotary dims ({r}) exceed the head dim ({d})")
+            if r % (2 * m):
                 raise MxnConfigError(
                     f"rotary dims ({r}) must be divisible by 2*m ({2 * m}) so that every dim "
                     f"slice holds whole RoPE pairs")
-            if (d - r) % m:
-                raise MxnConfigError(
-                    f"non-rotary head dims ({d - r}) must be divisible by the dim slices m ({m})")
         if n > g and (2 * d // m) % (n // g):
             raise MxnConfigError(
                 f"with more head groups than KV heads (n={n} > g={g}) the K/V rows of a dim "

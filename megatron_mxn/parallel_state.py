@@ -53,7 +53,12 @@ class MxnProcessGroupCollection(ProcessGroupCollection):
 
 
 _GRID: Optional[GridGroups] = None
-_SUBGROUPS: List[dist.ProcessGroup] = []
+_SUBGROUPS: List[dist.ProcessGroup] = []  # the grid's sub-groups (all TP groups' ones)
+_MEGATRON_GROUPS: List[dist.ProcessGroup] = []  # parallel_state groups we had megatron create
+
+
+def _all_groups() -> List[dist.ProcessGroup]:
+    return list(dist.distributed_c10d._world.pg_map)
 
 
 def check_grid_arguments(head_groups: int, dim_slices: int, world_size: int,
@@ -102,8 +107,10 @@ def initialize_mxn_parallel(head_groups: int, dim_slices: int,
                              parallel_state.get_context_parallel_world_size())
     else:
         check_grid_arguments(head_groups, dim_slices, world, tp, **kwargs)
+        before = set(_all_groups())
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=head_groups * dim_slices, **kwargs)
+        _MEGATRON_GROUPS.extend(g for g in _all_groups() if g not in before)
     if _GRID is not None:
         destroy_mxn_parallel()
     _GRID = _build_subgroups(head_groups, dim_slices,
@@ -128,18 +135,23 @@ def _build_subgroups(n: int, m: int, timeout_minutes: int) -> GridGroups:
 
 
 def destroy_mxn_parallel(destroy_model_parallel: bool = False) -> None:
-    """Forget the grid groups (and, if asked, megatron-core's parallel_state too)."""
+    """Destroy the grid's sub-groups. With destroy_model_parallel, also reset megatron-core's
+    parallel_state and destroy the process groups it created for initialize_mxn_parallel
+    (megatron only drops its references; each live gloo/NCCL group keeps threads and
+    connections, which adds up when layouts are re-initialized many times in one process)."""
     global _GRID
     _GRID = None
-    for group in _SUBGROUPS:
-        if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
-            try:
-                dist.destroy_process_group(group)
-            except (ValueError, RuntimeError):
-                pass  # not a member / already destroyed
+    groups = list(_SUBGROUPS)
     _SUBGROUPS.clear()
     if destroy_model_parallel:
-        parallel_state.destroy_model_parallel()
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        groups += _MEGATRON_GROUPS
+        _MEGATRON_GROUPS.clear()
+    live = set(_all_groups())
+    for group in groups:
+        if group in live:
+            dist.destroy_process_group(group)
 
 
 def mxn_parallel_is_initialized() -> bool:

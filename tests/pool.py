@@ -55,19 +55,25 @@ def _worker(rank: int, world: int, port: int, tasks, results) -> None:
 
 
 def _reset_parallel_state() -> None:
-    """Leave no parallel state behind, whatever the case did."""
+    """Leave no parallel state and no process group but the world behind, whatever the case
+    did (live gloo groups keep threads and sockets)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     import megatron_mxn
 
-    megatron_mxn.destroy_mxn_parallel()
+    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 class WorkerPool:
     def __init__(self, world_size: int, start_timeout: float = 300):
         self.world_size = world_size
+        self.closed = False
         ctx = mp.get_context("spawn")
         port = _free_port()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
@@ -102,17 +108,35 @@ class WorkerPool:
             raise AssertionError("".join(f"\n--- rank {r}:\n{e}" for r, e in sorted(errors.items())))
         return [out[r] for r in range(self.world_size)]
 
-    def run(self, fn, timeout: float = 600, **kwargs):
+    def run(self, fn, timeout: float = 240, **kwargs):
         """Run fn(**kwargs) on every rank; return the list of per-rank results."""
         for q in self.tasks:
             q.put((fn.__module__, fn.__name__, kwargs))
         return self._collect(f"{fn.__name__}", timeout)
 
+    def run_expecting_error(self, fn, timeout: float = 120, **kwargs):
+        """Run fn(**kwargs) on every rank, which must fail on every rank (without hanging);
+        return the per-rank tracebacks."""
+        for q in self.tasks:
+            q.put((fn.__module__, fn.__name__, kwargs))
+        try:
+            results = self._collect(f"{fn.__name__}", timeout)
+        except AssertionError as err:
+            errors = str(err).split("\n--- rank ")[1:]
+            if len(errors) != self.world_size:
+                raise AssertionError(f"only {len(errors)} of {self.world_size} ranks failed:"
+                                     f"\n{err}") from None
+            return errors
+        raise AssertionError(f"{fn.__name__} succeeded on every rank: {results}")
+
     @property
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return not self.closed and all(p.is_alive() for p in self.procs)
 
     def close(self, force: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if not force:
             for q in self.tasks:
                 q.put(None)
@@ -123,3 +147,4 @@ class WorkerPool:
                 os.killpg(p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError, TypeError):
                 pass
+            p.join(timeout=10)

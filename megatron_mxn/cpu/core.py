@@ -27,8 +27,9 @@ def _replace(target: str, make):
     owner = resolve(owner_path)
     original = getattr(owner, attr)
     replacement = make(original)
-    if inspect.isfunction(replacement):
-        functools.update_wrapper(replacement, original)
+    inner = replacement.__func__ if isinstance(replacement, staticmethod) else replacement
+    if inspect.isfunction(inner):
+        functools.update_wrapper(inner, original)
     setattr(owner, attr, replacement)
 
 
@@ -82,7 +83,7 @@ def _cuda_rng_api():
 @patch("megatron.core.tensor_parallel.random._get_cuda_rng_state", CORE,
        "the RNG tracker swaps CUDA generator states in and out on fork(); on CPU it must swap "
        "the CPU generator so that forked streams (TP dropout, weight init) really differ",
-       fingerprint="6b7c1e4b2a79")
+       fingerprint="b8efb24fab54")
 def _tracker_get_state():
     _replace("megatron.core.tensor_parallel.random._get_cuda_rng_state",
              lambda orig: lambda device="cuda", clone=False, graph_safe=False:
@@ -91,7 +92,7 @@ def _tracker_get_state():
 
 @patch("megatron.core.tensor_parallel.random._set_cuda_rng_state", CORE,
        "counterpart of _get_cuda_rng_state: restores into the CPU generator",
-       fingerprint="5d7b1d3f0d9b")
+       fingerprint="15a863ab8e24")
 def _tracker_set_state():
     _replace("megatron.core.tensor_parallel.random._set_cuda_rng_state",
              lambda orig: lambda new_state, device=-1, graph_safe=False:
@@ -138,6 +139,23 @@ def _device_literals():
     _replace("torch.nn.Module.cuda", lambda orig: lambda self, device=None: self)
 
 
+@patch("torch.autograd.function.BackwardCFunction.apply", TORCH,
+       "torch pops a TorchFunctionMode while its handler runs, so Python code run by a backward "
+       "pass (custom autograd backward functions, megatron's activation recomputation) would "
+       "miss the device rewrite; custom backward functions run with the mode re-entered")
+def _device_literals_in_backward():
+    def make(orig):
+        def apply(self, *args):
+            if torch._C._len_torch_function_stack() or _MODE is None:
+                return orig(self, *args)
+            with _MODE:
+                return orig(self, *args)
+
+        return apply
+
+    _replace("torch.autograd.function.BackwardCFunction.apply", make)
+
+
 class _DropForkWarning:
     """Logging filter for the tracker's 'CPU RNG state changed within GPU RNG context'."""
 
@@ -149,8 +167,32 @@ class _DropForkWarning:
 @patch("megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork", CORE,
        "on CPU the forked stream *is* the CPU generator, so fork()'s check that the CPU state "
        "is unchanged warns on every dropout; the warning is dropped, fork() itself is unchanged",
-       fingerprint="0")
+       fingerprint="043757ad2810")
 def _quiet_fork_check():
     import logging
 
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropForkWarning)
+
+
+@patch("megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__", CORE,
+       "without apex the local spec's norms are torch norms, which assert that sequence "
+       "parallelism is off; they are built with SP off and their params marked "
+       "sequence_parallel so that finalize_model_grads sums their grads over TP, as it does "
+       "for apex/TE norms", fingerprint="6b9493d24fea")
+def _torch_norm_sequence_parallel():
+    import copy
+
+    def make(orig):
+        def new(cls, config, *args, **kwargs):
+            if not config.sequence_parallel:
+                return orig(cls, config, *args, **kwargs)
+            config = copy.copy(config)
+            config.sequence_parallel = False
+            norm = orig(cls, config, *args, **kwargs)
+            for param in norm.parameters():
+                setattr(param, "sequence_parallel", True)
+            return norm
+
+        return staticmethod(new)
+
+    _replace("megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__", make)

@@ -53,11 +53,17 @@ class ModelSpec:
     dtype: str = "fp32"
     attention_dropout: float = 0.0
     padding_mask: bool = False
+    recompute: Optional[str] = None  # None | full | selective (core attention)
 
 
 def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = False,
                 **extra) -> MxnTransformerConfig:
     dtype = DTYPES[spec.dtype]
+    if spec.recompute == "full":
+        extra.update(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1)
+    elif spec.recompute == "selective":
+        extra.update(recompute_granularity="selective", recompute_modules=["core_attn"])
     return MxnTransformerConfig(
         num_layers=spec.num_layers, hidden_size=spec.hidden, ffn_hidden_size=4 * spec.hidden,
         num_attention_heads=spec.heads, num_query_groups=spec.kv_heads,
@@ -70,7 +76,8 @@ def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = Fa
         add_qkv_bias=spec.qkv_bias, use_cpu_initialization=True, **extra)
 
 
-def build_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool):
+def build_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool,
+                max_seq: int = SEQ):
     """GPTModel for this rank's pipeline stage, with the grid spec or megatron's stock one."""
     layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm is not None,
                                      normalization=spec.qk_norm)
@@ -78,7 +85,7 @@ def build_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool
         rotary = spec.rotary_percent if spec.position == "rope" else 0.0
         layer = megatron_mxn.get_mxn_layer_spec(layer, rotary_percent=rotary)
     model = GPTModel(
-        config, layer, VOCAB, SEQ,
+        config, layer, VOCAB, max_seq,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         position_embedding_type=spec.position, rotary_percent=spec.rotary_percent,
@@ -160,8 +167,10 @@ def full_layout(model, tensor_of: Callable[[torch.nn.Parameter], torch.Tensor]
         if isinstance(item, ShardedObject) or id(item.data) not in params:
             continue
         local = tensor_of(params[id(item.data)])
-        item = dataclasses.replace(item, data=local)
-        pieces = item.build() if isinstance(item, ShardedTensorFactory) else [item]
+        if isinstance(item, ShardedTensorFactory):
+            pieces = dataclasses.replace(item, data=local).build()
+        else:
+            pieces = [dataclasses.replace(item, data=local, dtype=local.dtype)]
         shards += [p for p in pieces if isinstance(p, ShardedTensor)]
     # Agree on the set of keys and shapes (PP stages hold different ones).
     meta = {s.key: s.global_shape for s in shards}
@@ -190,6 +199,13 @@ def load(model, path: str) -> None:
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|: the error relative to the tensor's scale."""
+    """max |a - b| / max |b|: the worst element's error relative to the tensor's scale."""
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def l2_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: the error of the tensor as a whole (used for bf16, whose per-element
+    rounding differs between any two correct implementations)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,177 @@
+"""Cases beyond one training step: KV-cache decoding, checkpoint round trips, dropout streams,
+the CPU RNG tracker, and bad input."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+import megatron_mxn
+from megatron_mxn.inference import greedy_generate
+from tests.cases.common import (
+    ModelSpec,
+    build_model,
+    full_layout,
+    load,
+    make_config,
+    max_rel_err,
+    save,
+    seed_all,
+)
+
+PROMPT = 8
+
+
+def _init(n: int, m: int, grid: bool):
+    """Grid n x m, or plain TP = n*m (the grid's groups exist but the stock spec is used)."""
+    return megatron_mxn.initialize_mxn_parallel(n, m, create_gloo_process_groups=False)
+
+
+def _teardown():
+    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
+
+
+def _model(spec: ModelSpec, n: int, m: int, grid: bool, seed: int = 1234):
+    pgs = _init(n, m, grid)
+    seed_all(seed)  # loads must overwrite each layout's different random init
+    config = make_config(spec, tp=n * m, m=m if grid else 1)
+    return build_model(spec, config, pgs, grid=grid, max_seq=64), pgs
+
+
+def _prompt(batch: int = 2):
+    return torch.randint(0, 128, (batch, PROMPT), generator=torch.Generator().manual_seed(3))
+
+
+def decode_matches_tp1(ckpt_dir: str, n: int, m: int, steps: int = 16, **model_kwargs):
+    """Prefill + `steps` greedy decode steps with the static KV cache, grid vs TP=1."""
+    spec = ModelSpec(**model_kwargs)
+    ref, pgs = _model(spec, 1, 1, grid=False)
+    save(ref, ckpt_dir)
+    ref.eval()
+    want = greedy_generate(ref, _prompt(), steps + 1, pgs.tp)
+    _teardown()
+    model, pgs = _model(spec, n, m, grid=True, seed=99)
+    load(model, ckpt_dir)
+    model.eval()
+    got = greedy_generate(model, _prompt(), steps + 1, pgs.tp)
+    _teardown()
+    return {
+        "tokens_equal": torch.equal(got.tokens, want.tokens),
+        "logits_err": max(max_rel_err(a, b) for a, b in zip(got.step_logits, want.step_logits)),
+        "kv_bytes": got.kv_cache_bytes,
+        "kv_bytes_tp1": want.kv_cache_bytes,
+        "tokens": got.tokens.tolist(),
+    }
+
+
+def checkpoint_round_trip(dirs, **model_kwargs):
+    """TP=4 -> grid 2x2 -> TP=4, and grid 2x2 -> TP=1: every tensor bit-identical."""
+    spec = ModelSpec(**model_kwargs)
+    weights = []
+    for step, (n, m, grid, load_from, save_to) in enumerate([
+        (4, 1, False, None, dirs[0]),  # TP=4 writes
+        (2, 2, True, dirs[0], dirs[1]),  # grid reads TP=4, writes
+        (4, 1, False, dirs[1], None),  # TP=4 reads the grid's
+        (1, 1, False, dirs[1], None),  # TP=1 reads the grid's
+    ]):
+        model, _ = _model(spec, n, m, grid, seed=100 + step)
+        if load_from:
+            load(model, load_from)
+        if save_to:
+            save(model, save_to)
+        weights.append(full_layout(model, lambda p: p.data))
+        _teardown()
+    first = weights[0]
+    return [sorted(w) == sorted(first) and all(torch.equal(w[k], first[k]) for k in first)
+            for w in weights[1:]]
+
+
+def dropout_masks(n: int, m: int):
+    """Attention dropout under the grid: the m dim-slice ranks of a head group drop the same
+    entries; different head groups draw different masks; reseeding reproduces them."""
+    spec = ModelSpec(attention_dropout=0.5, num_layers=1)
+    model, pgs = _model(spec, n, m, grid=True)
+    model.train()
+    masks, kept = [], []
+    attn = model.decoder.layers[0].self_attention.core_attention
+
+    def record(module, args, out):
+        masks.append((out == 0) & (args[0] != 0))
+        kept.append((args[0] != 0).sum().item())
+
+    hook = attn.attention_dropout.register_forward_hook(record)
+    tokens = _prompt()
+    pos = torch.arange(PROMPT).expand(2, PROMPT)
+    for _ in range(2):
+        seed_all(5)
+        model(tokens, pos, None)
+    hook.remove()
+    grid = megatron_mxn.get_grid()
+    mask = masks[0].to(torch.uint8)
+    slices = [torch.empty_like(mask) for _ in range(m)]
+    dist.all_gather(slices, mask, group=grid.dim_slice_group)
+    heads = [torch.empty_like(mask) for _ in range(n)]
+    dist.all_gather(heads, mask, group=grid.head_group_group)
+    _teardown()
+    return {
+        "same_in_dim_slice_group": all(torch.equal(s, mask) for s in slices),
+        "differs_across_head_groups": n == 1 or not torch.equal(heads[0], heads[1]),
+        "reproducible": torch.equal(masks[0], masks[1]),
+        "dropped_fraction": masks[0].sum().item() / kept[0],  # of the unmasked entries
+    }
+
+
+def rng_tracker_forks(tp: int):
+    """CPU mode: megatron's model-parallel RNG stream differs per TP rank, is reproducible, and
+    forking it leaves the default stream untouched."""
+    megatron_mxn.initialize_mxn_parallel(tp, 1, create_gloo_process_groups=False)
+    seed_all(11)
+    with get_cuda_rng_tracker().fork():
+        forked = torch.rand(4)
+    after_fork = torch.rand(4)
+    seed_all(11)
+    plain = torch.rand(4)
+    with get_cuda_rng_tracker().fork():
+        forked_again = torch.rand(4)
+    gathered = [torch.empty(4) for _ in range(tp)]
+    dist.all_gather(gathered, forked, group=parallel_state.get_tensor_model_parallel_group())
+    _teardown()
+    return {
+        "reproducible": torch.equal(forked, forked_again),
+        "default_stream_untouched": torch.equal(after_fork, plain),
+        "distinct_per_tp_rank": len({tuple(g.tolist()) for g in gathered}) == tp,
+    }
+
+
+# ------------------------------------------------------------------ bad input: each raises
+def bad_heads_not_divisible():
+    _model(ModelSpec(heads=6, kv_heads=6), 4, 1, grid=True)
+
+
+def bad_kv_groups():
+    _model(ModelSpec(heads=12, kv_heads=3, hidden=48), 2, 2, grid=True)
+
+
+def bad_head_dim_for_rope():
+    _model(ModelSpec(head_dim=12), 1, 4, grid=True)
+
+
+def bad_tp_size():
+    megatron_mxn.initialize_mxn_parallel(2, 2, tensor_model_parallel_size=2)
+
+
+def bad_world_size():
+    megatron_mxn.initialize_mxn_parallel(3, 1)
+
+
+def bad_context_parallel():
+    megatron_mxn.initialize_mxn_parallel(1, 2, context_parallel_size=2)
+
+
+def bad_unsupported_option():
+    spec = ModelSpec()
+    pgs = _init(2, 2, grid=True)
+    config = make_config(spec, tp=4, m=2, attention_output_gate=True)
+    build_model(spec, config, pgs, grid=True)
