@@ -63,3 +63,9 @@ def test_bad_input_fails_on_every_rank(pool4, case, rule):
     errors = pool4.run_expecting_error(getattr(runtime, case))
     for err in errors:
         assert "MxnConfigError" in err and rule in err, err
+
+
+def test_grid_attention_sets_every_attribute_of_megatrons(pool4):
+    """MxnSelfAttention mirrors SelfAttention.__init__ (which sizes heads by the TP size and so
+    cannot run for the grid); this fails when megatron-core adds an attribute it would miss."""
+    assert pool4.run(runtime.attention_attributes) == [[]] * 4

@@ -175,3 +175,21 @@ def bad_unsupported_option():
     pgs = _init(2, 2, grid=True)
     config = make_config(spec, tp=4, m=2, attention_output_gate=True)
     build_model(spec, config, pgs, grid=True)
+
+
+def attention_attributes():
+    """The attributes megatron's SelfAttention sets in __init__ (and its forward reads) that
+    MxnSelfAttention, which cannot run that __init__, does not set."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = ModelSpec()
+    pgs = _init(2, 2, grid=True)
+    config = make_config(spec, tp=4, m=2)
+    stock_spec = get_gpt_layer_local_spec().submodules.self_attention
+    grid_spec = megatron_mxn.get_mxn_layer_spec(get_gpt_layer_local_spec(), dim_slices=2)
+    stock = stock_spec.module(config, stock_spec.submodules, 1, pg_collection=pgs,
+                              **stock_spec.params)
+    grid = grid_spec.submodules.self_attention
+    mxn = grid.module(config, grid.submodules, 1, pg_collection=pgs, **grid.params)
+    _teardown()
+    return sorted(set(vars(stock)) - set(vars(mxn)))
