@@ -124,7 +124,18 @@ class CudaToCpu(TorchFunctionMode):
             kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], torch.device("cpu"), *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and _asked_by_optimizer():
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
+
+
+def _asked_by_optimizer() -> bool:
+    """megatron.core.optimizer accepts only torch.cuda.*Tensor type names (its parameter and
+    gradient type checks); code there is told the CUDA name of a CPU tensor's type."""
+    import sys
+
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    return caller.startswith("megatron.core.optimizer")
 
 
 _MODE: CudaToCpu | None = None

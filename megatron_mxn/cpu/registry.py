@@ -23,16 +23,18 @@ class Patch:
     reason: str  # what fails on CPU without it
     install: Callable[[], None]
     fingerprint: str | None = None  # sha1 of the target's source (megatron targets only)
+    scope: str = "core"  # core: CPU mode; training: CPU mode for megatron.training; wheel: always
 
 
 PATCHES: List[Patch] = []
 
 
-def patch(target: str, versions: str, reason: str, fingerprint: str | None = None):
+def patch(target: str, versions: str, reason: str, fingerprint: str | None = None,
+          scope: str = "core"):
     """Decorator: register `fn` as the installer of a patch of `target`."""
 
     def register(fn: Callable[[], None]) -> Callable[[], None]:
-        PATCHES.append(Patch(target, versions, reason, fn, fingerprint))
+        PATCHES.append(Patch(target, versions, reason, fn, fingerprint, scope))
         return fn
 
     return register

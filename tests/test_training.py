@@ -1,0 +1,164 @@
+"""Training through Megatron's own pretrain loop (scripts/pretrain_gpt_mxn.py under torchrun,
+gloo on CPU): the grid trains exactly like TP, composes with PP/DP/SP/distributed optimizer/
+recomputation/fp16/bf16, resumes across layouts, reads indexed datasets, rejects bad flags."""
+
+import numpy as np
+import pytest
+
+from tests.launch import TINY_GPT, rel_diff, torchrun
+
+SCRIPT = "scripts/pretrain_gpt_mxn.py"
+FP32_TOL = 1e-5
+BF16_TOL = 1e-2
+
+
+def _train(workdir, nproc, layout, *extra, iters=6, ckpt=None, finetune=True):
+    args = [*TINY_GPT, *layout, "--train-iters", str(iters), *extra]
+    if "--data-path" not in extra:
+        args.append("--mock-data")
+    if ckpt:
+        args += ["--load", str(ckpt)]
+        if finetune:
+            args += ["--finetune", "--no-load-optim", "--no-load-rng"]
+    run = torchrun(SCRIPT, nproc, args, workdir)
+    assert run.returncode == 0, run.output[-3000:] + "".join(run.rank_logs.values())[-6000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory):
+    """One set of initial weights for every layout: a single-rank run with lr 0, saved (so
+    every run below also loads a TP=1 checkpoint into its own layout)."""
+    root = tmp_path_factory.mktemp("init")
+    _train(root, 1, [], "--lr", "0", "--min-lr", "0", "--save", str(root / "ckpt"),
+           "--save-interval", "1", iters=1)
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def tp4_run(init_ckpt, tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("tp4"), 4, ["--tensor-model-parallel-size", "4"],
+                  ckpt=init_ckpt)
+
+
+def _same(run, ref, tol):
+    assert len(run.metrics) == len(ref.metrics) > 0
+    for key in ("lm loss", "grad norm"):
+        assert rel_diff(run.by_iteration(key), ref.by_iteration(key)) < tol, (
+            key, run.by_iteration(key), ref.by_iteration(key))
+
+
+@pytest.mark.parametrize("name,layout", [
+    ("grid_2x2", ["--mxn-head-groups", "2", "--mxn-dim-slices", "2"]),
+    ("grid_4x1", ["--mxn-head-groups", "4", "--mxn-dim-slices", "1"]),
+    ("grid_1x4_alongside_tp", ["--tensor-model-parallel-size", "4", "--mxn-dim-slices", "4"]),
+])
+def test_grid_trains_like_tp4(init_ckpt, tp4_run, tmp_path, name, layout):
+    run = _train(tmp_path, 4, layout, ckpt=init_ckpt)
+    _same(run, tp4_run, FP32_TOL)
+    rank0 = run.rank_logs[0]
+    if "--mxn-dim-slices" in layout and layout[-1] != "1":
+        assert "> mxn grid:" in rank0  # the layout line at start-up
+    assert "iteration        6/       6" in run.rank_logs[3]  # Megatron's own log format
+
+
+def test_grid_with_pipeline_trains_like_tp2_pp2(init_ckpt, tmp_path):
+    pp = ["--pipeline-model-parallel-size", "2"]
+    ref = _train(tmp_path / "tp2pp2", 4, ["--tensor-model-parallel-size", "2", *pp],
+                 ckpt=init_ckpt)
+    run = _train(tmp_path / "grid", 4, ["--mxn-head-groups", "1", "--mxn-dim-slices", "2", *pp],
+                 ckpt=init_ckpt)
+    _same(run, ref, FP32_TOL)
+
+
+def test_grid_with_dp_distributed_optimizer_sp_and_recompute(init_ckpt, tmp_path):
+    """grid 1x2 x DP 2 with the distributed optimizer, sequence parallelism and full
+    activation recomputation, against TP=2 x DP 2 with the same optimizer and SP."""
+    common = ["--use-distributed-optimizer", "--sequence-parallel"]
+    ref = _train(tmp_path / "tp2", 4, ["--tensor-model-parallel-size", "2"], *common,
+                 ckpt=init_ckpt)
+    run = _train(tmp_path / "grid", 4, ["--mxn-head-groups", "1", "--mxn-dim-slices", "2"],
+                 *common, "--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", "1", ckpt=init_ckpt)
+    _same(run, ref, FP32_TOL)
+
+
+def test_bf16_grid_trains_like_bf16_tp4(init_ckpt, tmp_path):
+    ref = _train(tmp_path / "tp4", 4, ["--tensor-model-parallel-size", "4"], "--bf16",
+                 ckpt=init_ckpt)
+    run = _train(tmp_path / "grid", 4, ["--mxn-head-groups", "2", "--mxn-dim-slices", "2"],
+                 "--bf16", ckpt=init_ckpt)
+    _same(run, ref, BF16_TOL)
+
+
+@pytest.mark.parametrize("first,second", [
+    (["--tensor-model-parallel-size", "4"], ["--mxn-head-groups", "2", "--mxn-dim-slices", "2"]),
+    (["--mxn-head-groups", "2", "--mxn-dim-slices", "2"], ["--tensor-model-parallel-size", "4"]),
+])
+def test_resume_across_layouts_continues_the_same_run(init_ckpt, tp4_run, tmp_path, first,
+                                                      second):
+    """3 iterations under one layout with --save, iterations 4-6 under the other with --load
+    (model, optimizer and scheduler state): equal to the uninterrupted TP=4 run."""
+    ckpt = tmp_path / "ckpt"
+    _train(tmp_path / "a", 4, first, "--save", str(ckpt), "--save-interval", "100",
+           "--exit-interval", "3", iters=6, ckpt=init_ckpt)
+    resumed = _train(tmp_path / "b", 4, second, iters=6, ckpt=ckpt, finetune=False)
+    loss, norm = resumed.by_iteration("lm loss"), resumed.by_iteration("grad norm")
+    assert sorted(loss) == [4, 5, 6]
+    assert rel_diff(loss, tp4_run.by_iteration("lm loss")) < FP32_TOL
+    assert rel_diff(norm, tp4_run.by_iteration("grad norm")) < FP32_TOL
+
+
+@pytest.fixture(scope="module")
+def indexed_dataset(tmp_path_factory):
+    """A tiny Megatron .bin/.idx dataset built with megatron-core's IndexedDatasetBuilder:
+    a few repeated token patterns, so that a model can learn it quickly."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path_factory.mktemp("data") / "tiny_text_document"
+    rng = np.random.default_rng(0)
+    patterns = [rng.integers(1, 1000, size=40) for _ in range(4)]
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for k in range(64):
+        doc = np.concatenate([patterns[k % 4], [1022]])  # 1022: NullTokenizer's EOD
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def test_indexed_dataset_trains(indexed_dataset, tmp_path):
+    run = _train(tmp_path, 2, ["--mxn-head-groups", "1", "--mxn-dim-slices", "2"],
+                 "--data-path", str(indexed_dataset), "--split", "100,0,0", iters=3)
+    assert sorted(run.by_iteration("lm loss")) == [1, 2, 3]
+    assert "GPTDataset" in run.rank_logs[0]
+
+
+def test_fp16_with_loss_scaling_learns(indexed_dataset, tmp_path):
+    run = _train(tmp_path, 2, ["--mxn-head-groups", "1", "--mxn-dim-slices", "2"],
+                 "--fp16", "--initial-loss-scale", "4096", "--loss-scale-window", "5",
+                 "--data-path", str(indexed_dataset), "--split", "100,0,0", "--lr", "3e-3",
+                 iters=20)
+    loss = run.by_iteration("lm loss")
+    scales = [row["loss scale"] for row in run.metrics]
+    print("fp16 lm loss:", [round(loss[i], 3) for i in sorted(loss)], "scales:", scales)
+    assert len(loss) == 20 and all(np.isfinite(v) for v in loss.values())
+    assert sum(loss[i] for i in range(16, 21)) < 0.8 * sum(loss[i] for i in range(1, 6))
+    assert len(set(scales)) > 1  # the dynamic loss scaler moved
+
+
+@pytest.mark.parametrize("flags,rule", [
+    (["--mxn-dim-slices", "2"], "--mxn-dim-slices needs --mxn-head-groups"),
+    (["--tensor-model-parallel-size", "2", "--mxn-head-groups", "2", "--mxn-dim-slices", "2"],
+     "--tensor-model-parallel-size (2) contradicts --mxn-head-groups 2 x --mxn-dim-slices 2"),
+    (["--mxn-head-groups", "2", "--mxn-dim-slices", "1", "--num-attention-heads", "3",
+      "--num-query-groups", "3"], "num_attention_heads (3) must be divisible by the head groups"),
+    (["--mxn-head-groups", "1", "--mxn-dim-slices", "2", "--kv-channels", "6"],
+     "rotary dims (6) must be divisible by 2*m (4)"),
+])
+def test_bad_flags_fail_on_every_rank(tmp_path, flags, rule):
+    run = torchrun(SCRIPT, 2, [*TINY_GPT, "--train-iters", "1", *flags], tmp_path, timeout=180,
+                   metrics=False)
+    assert run.returncode != 0
+    assert sorted(run.rank_logs) == [0, 1]
+    for rank, log in run.rank_logs.items():
+        assert rule in log, (rank, log[-2000:])
