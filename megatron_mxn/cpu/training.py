@@ -21,7 +21,7 @@ TRAINING = "megatron.training from megatron-core 0.19.x"
        "the wheel ships the compiled dataset helpers but not their Makefile, so Megatron's "
        "start-up compilation fails and exits; it is skipped when the compiled module imports. "
        "Not CPU-specific: install_wheel_fixes() applies it on GPUs too",
-       fingerprint="0", scope="wheel")
+       fingerprint="be6ad313e935", scope="wheel")
 def _skip_helper_compilation():
     def make(orig):
         def compile_helpers():
@@ -36,14 +36,14 @@ def _skip_helper_compilation():
 @patch("megatron.training.arguments.get_device_arch_version", TRAINING,
        "argument validation asks the GPU for its architecture; CPU reports 10, which also "
        "skips the CUDA_DEVICE_MAX_CONNECTIONS check that has no meaning on CPU",
-       fingerprint="0", scope="training")
+       fingerprint="1c0d596af5b2", scope="training")
 def _device_arch():
     _replace("megatron.training.arguments.get_device_arch_version", lambda orig: lambda: 10)
 
 
 @patch("megatron.training.training.initialize_megatron", TRAINING,
        "pretrain() calls initialize_megatron without allow_no_cuda, which asserts CUDA",
-       fingerprint="0", scope="training")
+       fingerprint="9aade6445a76", scope="training")
 def _allow_no_cuda():
     def make(orig):
         def initialize_megatron(*args, **kwargs):
@@ -76,14 +76,14 @@ def _with_pretend_device(orig):
 
 @patch("megatron.training.initialize._initialize_distributed", TRAINING,
        "silently skips initialize_model_parallel when torch.cuda.device_count() is 0; it runs "
-       "seeing one device, with set_device a no-op", fingerprint="0", scope="training")
+       "seeing one device, with set_device a no-op", fingerprint="2d35a7d2bdc2", scope="training")
 def _distributed_init():
     _replace("megatron.training.initialize._initialize_distributed", _with_pretend_device)
 
 
 @patch("megatron.training.initialize._set_random_seed", TRAINING,
        "silently skips seeding the RNG tracker (TP-region dropout, weight init) when "
-       "torch.cuda.device_count() is 0", fingerprint="0", scope="training")
+       "torch.cuda.device_count() is 0", fingerprint="dfebce4bdd82", scope="training")
 def _seeding():
     _replace("megatron.training.initialize._set_random_seed", _with_pretend_device)
 
@@ -104,7 +104,7 @@ CPU_ARGUMENTS = (
 @patch("megatron.training.initialize._warmup_jit_function", TRAINING,
        "warms the fused bias-GeLU/dropout-add kernels up with torch.compile, which builds C++ "
        "kernels on CPU for seconds per rank; CPU mode does not use those fusions",
-       fingerprint="0", scope="training")
+       fingerprint="8e7cd03a9f0c", scope="training")
 def _no_jit_warmup():
     _replace("megatron.training.initialize._warmup_jit_function",
              lambda orig: lambda tp_size=None: None)
@@ -113,7 +113,7 @@ def _no_jit_warmup():
 @patch("megatron.training.arguments.validate_args", TRAINING,
        "several defaults need CUDA, apex or TE; on CPU they are switched to their portable "
        "equivalents (printed once), and the nccl backend is refused with a clear message",
-       fingerprint="0", scope="training")
+       fingerprint="702f3a4a50c4", scope="training")
 def _cpu_arguments():
     def make(orig):
         def validate_args(args, defaults={}):
