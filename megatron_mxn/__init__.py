@@ -2,40 +2,40 @@
 
 One attention layer spreads over n head groups x m slices of every head's dims (n*m ranks,
 which are the layer's tensor-parallel group) and computes exact multi-head attention.
+
+Names are imported on first use, so that `import megatron_mxn.cpu` (and helper processes that
+re-import an entry script) stay light.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from megatron_mxn.attention import MxnSelfAttention, grid_layout  # noqa: E402
-from megatron_mxn.config import MxnTransformerConfig  # noqa: E402
-from megatron_mxn.core_attention import MxnDotProductAttention  # noqa: E402
-from megatron_mxn.layout import GridLayout, MxnConfigError  # noqa: E402
-from megatron_mxn.parallel_state import (  # noqa: E402
-    MxnProcessGroupCollection,
-    destroy_mxn_parallel,
-    get_grid,
-    initialize_mxn_parallel,
-    mxn_parallel_is_initialized,
-)
-from megatron_mxn.spec import (  # noqa: E402
-    get_mxn_gpt_layer_local_spec,
-    get_mxn_gpt_layer_te_spec,
-    get_mxn_layer_spec,
-)
+_EXPORTS = {
+    "GridLayout": "megatron_mxn.layout",
+    "MxnConfigError": "megatron_mxn.layout",
+    "MxnDotProductAttention": "megatron_mxn.core_attention",
+    "MxnProcessGroupCollection": "megatron_mxn.parallel_state",
+    "MxnSelfAttention": "megatron_mxn.attention",
+    "MxnTransformerConfig": "megatron_mxn.config",
+    "destroy_mxn_parallel": "megatron_mxn.parallel_state",
+    "get_grid": "megatron_mxn.parallel_state",
+    "get_mxn_gpt_layer_local_spec": "megatron_mxn.spec",
+    "get_mxn_gpt_layer_te_spec": "megatron_mxn.spec",
+    "get_mxn_layer_spec": "megatron_mxn.spec",
+    "grid_layout": "megatron_mxn.attention",
+    "initialize_mxn_parallel": "megatron_mxn.parallel_state",
+    "mxn_parallel_is_initialized": "megatron_mxn.parallel_state",
+}
 
-__all__ = [
-    "GridLayout",
-    "MxnConfigError",
-    "MxnDotProductAttention",
-    "MxnProcessGroupCollection",
-    "MxnSelfAttention",
-    "MxnTransformerConfig",
-    "destroy_mxn_parallel",
-    "get_grid",
-    "get_mxn_gpt_layer_local_spec",
-    "get_mxn_gpt_layer_te_spec",
-    "get_mxn_layer_spec",
-    "grid_layout",
-    "initialize_mxn_parallel",
-    "mxn_parallel_is_initialized",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'megatron_mxn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -3,6 +3,7 @@ import pytest
 from tests.pool import WorkerPool
 
 _POOLS = {}
+POOL_FIXTURES = {"pool2", "pool4", "pool8"}
 
 
 def get_pool(world_size: int) -> WorkerPool:
@@ -11,6 +12,12 @@ def get_pool(world_size: int) -> WorkerPool:
     if pool is None or not pool.alive:
         pool = _POOLS[world_size] = WorkerPool(world_size)
     return pool
+
+
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()
 
 
 @pytest.fixture
@@ -28,6 +35,26 @@ def pool2():
     return get_pool(2)
 
 
+def _uses_pool(item) -> bool:
+    """Cases taking a pool fixture, or marked `uses_pool` (they pick the pool at run time)."""
+    return (bool(POOL_FIXTURES & set(getattr(item, "fixturenames", ())))
+            or item.get_closest_marker("uses_pool") is not None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "uses_pool: the case runs on a worker pool it picks itself")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the cases that use worker pools first, so the pools can be shut down before the
+    tests that launch their own processes (idle ranks still cost CPU on a 2-core machine)."""
+    items.sort(key=lambda item: not _uses_pool(item))
+
+
+def pytest_runtest_setup(item):
+    if not _uses_pool(item):
+        _close_pools()
+
+
 def pytest_sessionfinish(session, exitstatus):
-    for pool in _POOLS.values():
-        pool.close()
+    _close_pools()

@@ -10,6 +10,8 @@ import pytest
 
 from tests.cases.equivalence import compare_with_tp1
 
+pytestmark = pytest.mark.uses_pool
+
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
 

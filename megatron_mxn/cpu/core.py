@@ -33,6 +33,46 @@ def _replace(target: str, make):
     setattr(owner, attr, replacement)
 
 
+# --------------------------------------------------------------------------- fusions
+
+
+class _EagerFusers:
+    """Import hook: runs megatron.core.jit's disable_jit_fuser() right after that module
+    executes, before any fusion module decorates its functions with the fuser."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "megatron.core.jit":
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.disable_jit_fuser()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+@patch("megatron.core.jit.enable_jit_fuser", CORE,
+       "megatron decorates its fused kernels with torch.compile at import time: importing "
+       "dynamo and inductor costs seconds per process and compiling C++ kernels on CPU costs "
+       "more; CPU mode runs the same functions eagerly (installed before megatron is imported)",
+       fingerprint="3fca38c00258")
+def _eager_fusers():
+    import sys
+
+    if "megatron.core.jit" in sys.modules:
+        sys.modules["megatron.core.jit"].disable_jit_fuser()
+    else:
+        sys.meta_path.insert(0, _EagerFusers)
+
+
 # --------------------------------------------------------------------------- torch.cuda API
 
 
