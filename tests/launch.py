@@ -73,6 +73,36 @@ def torchrun(script: str, nproc: int, args: List[str], workdir: Path, timeout: i
     return Run(proc.returncode, proc.stdout + proc.stderr, rank_logs, rows)
 
 
+def run_ranks_apart(script: str, nproc: int, args: List[str], workdir: Path,
+                    timeout: int = 300) -> Run:
+    """Start `nproc` ranks as independent processes (the env:// variables torchrun would set),
+    so that one rank failing does not get the others killed: how tests check that an error is
+    raised on every rank, not only on the first to reach it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base = [sys.executable, *(script.split() if script.startswith("-m ") else [str(REPO / script)])]
+    procs, files = [], []
+    for rank in range(nproc):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                   CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONPATH=str(REPO), RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        log = open(workdir / f"rank{rank}.log", "w")
+        files.append(log)
+        procs.append(subprocess.Popen([*base, *args], cwd=workdir, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for f in files:
+            f.close()
+    rank_logs = {r: (workdir / f"rank{r}.log").read_text() for r in range(nproc)}
+    return Run(max(codes, key=abs), "", rank_logs, [])
+
+
 def rel_diff(a: Dict[int, float], b: Dict[int, float]) -> float:
     """Largest relative difference over the iterations both runs logged."""
     common = sorted(set(a) & set(b))

@@ -5,7 +5,7 @@ recomputation/fp16/bf16, resumes across layouts, reads indexed datasets, rejects
 import numpy as np
 import pytest
 
-from tests.launch import TINY_GPT, rel_diff, torchrun
+from tests.launch import TINY_GPT, rel_diff, run_ranks_apart, torchrun
 
 SCRIPT = "scripts/pretrain_gpt_mxn.py"
 FP32_TOL = 1e-5
@@ -156,8 +156,8 @@ def test_fp16_with_loss_scaling_learns(indexed_dataset, tmp_path):
      "rotary dims (6) must be divisible by 2*m (4)"),
 ])
 def test_bad_flags_fail_on_every_rank(tmp_path, flags, rule):
-    run = torchrun(SCRIPT, 2, [*TINY_GPT, "--train-iters", "1", *flags], tmp_path, timeout=180,
-                   metrics=False)
+    run = run_ranks_apart(SCRIPT, 2, [*TINY_GPT, "--train-iters", "1", *flags], tmp_path,
+                          timeout=180)
     assert run.returncode != 0
     assert sorted(run.rank_logs) == [0, 1]
     for rank, log in run.rank_logs.items():
