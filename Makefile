@@ -1,12 +1,12 @@
-# One command each on a fresh machine: `make demo`, `make test`.
-# Both create the virtual environment (Python 3.12, pinned deps) when it is missing.
+# One command each on a fresh machine: `make demo`, `make test` (and `make ab`: the CPU A/B).
+# Each creates the virtual environment (Python 3.12, pinned deps) when it is missing.
 
 VENV ?= .venv
 PYTHON ?= $(shell scripts/find_python.sh)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements-ci.txt setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: demo test venv clean
+.PHONY: demo test ab plan venv clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,12 @@ $(STAMP): requirements-ci.txt setup.py
 
 demo: $(STAMP)
 	$(PY) -m megatron_mxn.demo
+
+ab: $(STAMP)
+	$(PY) scripts/ab_compare.py --config configs/cpu_dense.yaml --config configs/cpu_moe.yaml --run ab-cpu
+
+plan: $(STAMP)
+	$(PY) -m megatron_mxn.plan --config configs/paper_dense.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -10,7 +10,7 @@ algorithms NCCL and gloo use for large messages: an all-reduce of S bytes over G
 from __future__ import annotations
 
 import importlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -43,6 +43,7 @@ class CommRecord:
     group: str  # label (see CommCounter.labels) or "group of G"
     group_size: int
     payload_bytes: int  # the full tensor: all-reduce input, all-gather output, RS input
+    inside: bool = True  # issued inside one of the modules given to mark_inside
 
     @property
     def sent_bytes(self) -> float:
@@ -64,22 +65,25 @@ def _nbytes(t) -> int:
 
 
 class CommCounter:
-    """Context manager recording every collective issued while it is active and enabled.
+    """Context manager counting every collective issued while it is active and recording.
 
     labels: {name: process group} used to name groups in the records (others are
-    "group of G"). Set `enabled = False` to pause (e.g. outside the layers of interest).
+    "group of G"). `recording` is the caller's switch (e.g. decode steps only);
+    `mark_inside(modules)` tags the records issued inside those modules' forward.
+    `counts` maps each distinct CommRecord to its number of calls (one dict update per
+    collective: cheap enough to leave on).
     """
 
     def __init__(self, labels: Optional[Dict[str, dist.ProcessGroup]] = None):
-        self.records: List[CommRecord] = []
-        self.enabled = True  # switched by count_only_inside's hooks
+        self.counts: Counter = Counter()
+        self.inside = True  # switched by mark_inside's hooks
         self.recording = True  # switched by the caller
         self._labels = labels or {}
         self._undo: List[Callable[[], None]] = []
 
     def _label(self, group) -> str:
         for name, g in self._labels.items():
-            if g is group:
+            if g is not None and g is group:
                 return name
         if group is None or group is dist.group.WORLD:
             return "world"
@@ -87,13 +91,14 @@ class CommCounter:
 
     def _wrap(self, fn, op: str, arg: int, name: str):
         def counted(*args, **kwargs):
-            if self.enabled and self.recording:
+            if self.recording:
                 group = kwargs.get("group")
                 if group is None:
                     group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
                 tensor = args[arg] if len(args) > arg else kwargs[name]
                 size = dist.get_world_size(group) if op != "send" else 2
-                self.records.append(CommRecord(op, self._label(group), size, _nbytes(tensor)))
+                self.counts[CommRecord(op, self._label(group), size, _nbytes(tensor),
+                                       self.inside)] += 1
             return fn(*args, **kwargs)
 
         counted.__wrapped__ = fn
@@ -119,23 +124,42 @@ class CommCounter:
         while self._undo:
             self._undo.pop()()
 
-    def count_only_inside(self, modules) -> List:
-        """Count only while one of `modules` runs its forward (e.g. the transformer layers);
-        returns the hook handles."""
-        self.enabled = False
+    def mark_inside(self, modules) -> List:
+        """Tag records issued while one of `modules` runs its forward (e.g. the transformer
+        layers) as inside, the others as outside; returns the hook handles."""
+        self.inside = False
         handles = []
         for module in modules:
             handles.append(module.register_forward_pre_hook(
-                lambda *_: setattr(self, "enabled", True)))
+                lambda *_: setattr(self, "inside", True)))
             handles.append(module.register_forward_hook(
-                lambda *_: setattr(self, "enabled", False)))
+                lambda *_: setattr(self, "inside", False)))
         return handles
 
-    def sent_bytes_by_group(self) -> Dict[str, float]:
+    def sent_bytes_by_group(self, inside: Optional[bool] = None) -> Dict[str, float]:
+        """Bytes this rank sent, per group label (only inside/outside records if asked)."""
         out: Dict[str, float] = defaultdict(float)
-        for r in self.records:
-            out[r.group] += r.sent_bytes
+        for r, calls in self.counts.items():
+            if inside is None or r.inside == inside:
+                out[r.group] += r.sent_bytes * calls
         return dict(out)
 
     def total_sent_bytes(self) -> float:
-        return sum(r.sent_bytes for r in self.records)
+        return sum(r.sent_bytes * calls for r, calls in self.counts.items())
+
+    def reset(self) -> Counter:
+        """Return the counts so far and start again (e.g. once per step)."""
+        counts, self.counts = self.counts, Counter()
+        return counts
+
+    def table(self, counts: Optional[Counter] = None, per: float = 1.0) -> str:
+        """Markdown: one row per (op, group, payload, inside), calls and bytes sent / `per`."""
+        rows = sorted((counts if counts is not None else self.counts).items(),
+                      key=lambda kv: (not kv[0].inside, kv[0].group, kv[0].op,
+                                      kv[0].payload_bytes))
+        lines = ["| where | group | op | payload B | calls | sent B / rank |", "|---|---|---|---|---|---|"]
+        for r, calls in rows:
+            lines.append(f"| {'layers' if r.inside else 'outside'} | {r.group} ({r.group_size}) "
+                         f"| {r.op} | {r.payload_bytes} | {calls / per:g} | "
+                         f"{r.sent_bytes * calls / per:.0f} |")
+        return "\n".join(lines)

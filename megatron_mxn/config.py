@@ -23,8 +23,18 @@ class MxnTransformerConfig(TransformerConfig):
     mxn_dim_slices: int = 1
     """m: slices of every head's dims. The head groups are tensor_model_parallel_size / m."""
 
+    mxn_attention: str = "exact"
+    """How the grid computes attention (megatron_mxn.schedules): exact (partial-score
+    all-reduce), gather (all-gather of the Q/K slices), auto (the cheaper of the two per call,
+    by the cost model), or sliced (the seed paper's per-slice softmax: a different model)."""
+
     def __post_init__(self):
+        from megatron_mxn.schedules import SCHEDULES
+
         m, tp = self.mxn_dim_slices, self.tensor_model_parallel_size
+        if self.mxn_attention not in SCHEDULES:
+            raise MxnConfigError(f"mxn_attention must be one of {SCHEDULES}, got "
+                                 f"{self.mxn_attention!r}")
         if not isinstance(m, int) or m < 1 or tp % m:
             raise MxnConfigError(
                 f"mxn_dim_slices ({m}) must be a positive divisor of "

@@ -1,8 +1,9 @@
-"""Exact softmax attention for one rank (i, j) of the grid.
+"""Softmax attention for one rank (i, j) of the grid.
 
 The rank holds d/m dims of h/n query heads (and of their KV heads). Q_ij K_ij^T is a partial
 sum of the full scores; summing it over the dim-slice group (in fp32) gives S_i = Q_i K_i^T,
-identical on the m ranks. softmax(S_i / sqrt(d)) then uses the full head dim and megatron's own
+identical on the m ranks (schedule `exact`; `gather` gets the same S_i from all-gathered Q/K
+slices, see schedules.py). softmax(S_i / sqrt(d)) then uses the full head dim and megatron's own
 masking, and P_i V_ij is local: the output holds dims j of heads i.
 """
 
@@ -12,14 +13,17 @@ import copy
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mxn.comm import all_reduce_sum
 from megatron_mxn.random import head_group_rng_fork
 from megatron_mxn.parallel_state import grid_groups_of
+from megatron_mxn.schedules import ScoreShape, choose, schedule_bytes
 
 
 class MxnDotProductAttention(DotProductAttention):
@@ -42,7 +46,26 @@ class MxnDotProductAttention(DotProductAttention):
                          pg_collection=ProcessGroupCollection(tp=grid.head_group_group))
         self.config = config
         self.dim_slice_group = grid.dim_slice_group
+        self.dim_slices = grid.dim_slices
         self.head_group_index = grid.head_group_index
+        self.schedule = getattr(config, "mxn_attention", "exact")
+        self.decisions = []  # auto: (phase, sq, sk, chosen) each time the choice changes
+        if self.schedule == "sliced" and config.softmax_scale is None:
+            self.softmax_scale = 1.0 / (config.kv_channels // grid.dim_slices) ** 0.5
+
+    def _resolve(self, shape: ScoreShape) -> str:
+        chosen = choose(self.schedule, shape)
+        if self.schedule == "auto":
+            phase = "decode" if shape.sq == 1 else "prefill"
+            if not self.decisions or self.decisions[-1][0] != phase or \
+                    self.decisions[-1][3] != chosen:
+                self.decisions.append((phase, shape.sq, shape.sk, chosen))
+                if self.layer_number == 1 and dist.get_rank() == 0:
+                    print(f"[mxn] auto attention, {phase} (sq={shape.sq}, sk={shape.sk}): "
+                          f"{chosen} (per layer and rank: exact sends "
+                          f"{schedule_bytes('exact', shape):.0f} B, gather "
+                          f"{schedule_bytes('gather', shape):.0f} B)", flush=True)
+        return chosen
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -51,17 +74,27 @@ class MxnDotProductAttention(DotProductAttention):
             raise ValueError("the grid attention supports neither packed sequences nor an "
                              "attention bias")
         heads = self.num_attention_heads_per_partition
+        sq, b, _, dl = query.shape
+        sk = key.size(0)
+        schedule = self._resolve(ScoreShape(b, heads, key.size(2), sq, sk, dl, self.dim_slices,
+                                            query.element_size()))
+        if schedule == "gather":  # the full head dims of Q and K (in the same dim order)
+            query = all_gather_last_dim_from_tensor_parallel_region(
+                query.contiguous(), group=self.dim_slice_group)
+            key = all_gather_last_dim_from_tensor_parallel_region(
+                key.contiguous(), group=self.dim_slice_group)
         repeat = heads // self.num_query_groups_per_partition
         if repeat > 1:
             key = key.repeat_interleave(repeat, dim=2)
             value = value.repeat_interleave(repeat, dim=2)
-        sq, b, _, dl = query.shape
-        sk = key.size(0)
+        dq = query.size(-1)
 
-        # Partial scores in fp32, summed over the m dim slices: [b * heads, sq, sk].
-        q = query.permute(1, 2, 0, 3).reshape(b * heads, sq, dl).float()
-        k = key.permute(1, 2, 3, 0).reshape(b * heads, dl, sk).float()
-        scores = all_reduce_sum(torch.bmm(q, k), self.dim_slice_group)
+        # Scores in fp32: [b * heads, sq, sk]; partial sums over the m dim slices for `exact`.
+        q = query.permute(1, 2, 0, 3).reshape(b * heads, sq, dq).float()
+        k = key.permute(1, 2, 3, 0).reshape(b * heads, dq, sk).float()
+        scores = torch.bmm(q, k)
+        if schedule == "exact":
+            scores = all_reduce_sum(scores, self.dim_slice_group)
         scores = (scores * self.softmax_scale).view(b, heads, sq, sk)
 
         # megatron's masking and softmax (the unfused path: scores are fp32 here).

@@ -71,7 +71,7 @@ def _rank(ckpt_dir: str, steps: int):
             labels.update({"dim-slice": megatron_mxn.get_grid().dim_slice_group,
                            "head-group": megatron_mxn.get_grid().head_group_group})
         with CommCounter(labels) as counter:
-            counter.count_only_inside(model.decoder.layers)
+            counter.mark_inside(model.decoder.layers)
             gen = greedy_generate(model, prompt, steps + 1, pgs.tp,
                                   before_step=lambda s: setattr(counter, "recording", s > 0))
         if reference is None:
@@ -79,7 +79,7 @@ def _rank(ckpt_dir: str, steps: int):
         attn_params = sum(p.numel() for layer in model.decoder.layers
                           for p in layer.self_attention.parameters())
         per_step = {k: v / (steps * len(model.decoder.layers))
-                    for k, v in counter.sent_bytes_by_group().items()}
+                    for k, v in counter.sent_bytes_by_group(inside=True).items()}
         rows.append({
             "layout": name,
             "dlogits": max((a - b).abs().max().item()

@@ -1,20 +1,44 @@
-"""Greedy generation with megatron-core's static KV cache (any TP or grid layout, PP = 1)."""
+"""Batched greedy generation with megatron-core's static KV cache, under any TP/grid x PP layout.
+
+The batch is split into micro-batches that flow through the pipeline stages (stage s works on
+micro-batch i while stage s+1 works on micro-batch i-1); the last stage picks each micro-batch's
+next token from the TP-gathered logits and sends it back to the first stage. With PP = 1 and one
+micro-batch this is the plain prefill + decode loop.
+"""
 
 from __future__ import annotations
 
+import resource
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
 
 
 @dataclass
 class Generation:
-    tokens: torch.Tensor  # [b, new_tokens]
-    step_logits: List[torch.Tensor] = field(default_factory=list)  # [b, V] per step (fp32)
-    kv_cache_bytes: int = 0  # this rank's KV cache, all layers
+    """What one generate() call produced on this rank (tokens and logits on the last stage)."""
+
+    tokens: torch.Tensor  # [b, new_tokens] on the last pipeline stage, else empty
+    step_logits: List[torch.Tensor] = field(default_factory=list)  # [b, V] fp32 per step
+    kv_cache_bytes: int = 0  # this rank's KV cache, all its layers
+    step_end_s: List[float] = field(default_factory=list)  # end of each step since the start
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token: the prefill (step 0) of the whole batch."""
+        return self.step_end_s[0]
+
+    @property
+    def tpot_s(self) -> List[float]:
+        """Time per output token of each decode step (after the first token)."""
+        ends = self.step_end_s
+        return [b - a for a, b in zip(ends, ends[1:])]
 
 
 def kv_cache_bytes(context: StaticInferenceContext) -> int:
@@ -23,32 +47,116 @@ def kv_cache_bytes(context: StaticInferenceContext) -> int:
                for kv in context.key_value_memory_dict.values() for t in kv)
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
+def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: int = 1,
+             keep_logits: bool = False,
+             before_step: Optional[Callable[[int], None]] = None) -> Generation:
+    """Greedy generation of `new_tokens` tokens for `prompt` [b, s] (needed on the first stage;
+    other stages only use its shape). Step 0 is the prefill, steps 1.. decode one token each.
+    `before_step(step)` runs before each step (progress output, communication counting)."""
+    b, s = prompt.shape
+    if b % micro_batches:
+        raise ValueError(f"batch size ({b}) must be divisible by the inference micro-batches "
+                         f"({micro_batches})")
+    mb = b // micro_batches
+    pp_ranks = dist.get_process_group_ranks(pgs.pp) if pgs.pp is not None else [dist.get_rank()]
+    stage, stages = pp_ranks.index(dist.get_rank()), len(pp_ranks)
+    first, last = stage == 0, stage == stages - 1
+    config = _config_of(model)
+    hidden_dtype = config.pipeline_dtype or config.params_dtype
+    context = StaticInferenceContext(b, s + new_tokens)
+    out = Generation(tokens=torch.empty(b, new_tokens if last else 0, dtype=torch.long))
+    inputs = list(prompt.split(mb)) if first else []
+    sends: List = []  # (request, tensor) of in-flight sends
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+    _sync()
+    dist.barrier()
+    start = time.perf_counter()
+    for step in range(new_tokens):
+        if before_step is not None:
+            before_step(step)
+        if step == 1:
+            context.enable_decode_mode()
+        seq = s if step == 0 else 1
+        logits_step = []
+        for i in range(micro_batches):
+            context.batch_size_offset = i * mb
+            ids = positions = None
+            if first:
+                if step > 0:
+                    if stages > 1:  # the last stage sends this micro-batch's new token
+                        token = torch.empty(mb, 1, dtype=torch.long, device=device)
+                        dist.recv(token, pp_ranks[-1], group=pgs.pp)
+                        inputs[i] = token
+                    else:
+                        inputs[i] = out.tokens[i * mb:(i + 1) * mb, step - 1:step]
+                ids = inputs[i].to(device)
+                positions = torch.arange(context.sequence_len_offset,
+                                         context.sequence_len_offset + seq,
+                                         device=device).expand(mb, seq)
+            else:
+                hidden = torch.empty(seq, mb, config.hidden_size, dtype=hidden_dtype,
+                                     device=device)
+                dist.recv(hidden, pp_ranks[stage - 1], group=pgs.pp)
+                model.set_input_tensor(hidden)
+            output = model(ids, positions, None, inference_context=context)
+            if not last:
+                hidden_out = output.contiguous()
+                sends.append((dist.isend(hidden_out, pp_ranks[stage + 1], group=pgs.pp),
+                              hidden_out))
+                continue
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(
+                output[:, -1].contiguous(), group=pgs.tp).float()
+            token = logits.argmax(-1, keepdim=True)
+            out.tokens[i * mb:(i + 1) * mb, step] = token[:, 0].cpu()
+            if keep_logits:
+                logits_step.append(logits.cpu())
+            if stages > 1 and step + 1 < new_tokens:
+                sends.append((dist.isend(token, pp_ranks[0], group=pgs.pp), token))
+        if keep_logits and last:
+            out.step_logits.append(torch.cat(logits_step))
+        context.sequence_len_offset += seq
+        _sync()
+        out.step_end_s.append(time.perf_counter() - start)
+    for request, _ in sends:  # (the tensors stay referenced until their send completes)
+        request.wait()
+    out.kv_cache_bytes = kv_cache_bytes(context)
+    return out
+
+
 def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, tp_group,
                     keep_logits: bool = True,
                     before_step: Optional[Callable[[int], None]] = None) -> Generation:
-    """Prefill `prompt` [b, s] then decode greedily: step 0 is the prefill, steps 1.. decode one
-    token each with the KV cache, `new_tokens` tokens in all. Logits are gathered over the TP
-    group so that every rank picks the same token. `before_step(step)` runs before each
-    forward (e.g. to switch communication counting on for decode steps)."""
-    b, s = prompt.shape
-    context = StaticInferenceContext(b, s + new_tokens)
-    out = Generation(tokens=torch.empty(b, 0, dtype=torch.long))
-    tokens, positions = prompt, torch.arange(s).expand(b, s)
-    for step in range(new_tokens):
-        if step == 1:
-            context.enable_decode_mode()
-        if before_step is not None:
-            before_step(step)
-        logits = model(tokens, positions, None, inference_context=context)
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(
-            logits[:, -1].contiguous(), group=tp_group).float()
-        nxt = logits.argmax(-1, keepdim=True)
-        if keep_logits:
-            out.step_logits.append(logits)
-        out.tokens = torch.cat([out.tokens, nxt], dim=1)
-        context.sequence_len_offset += tokens.size(1)
-        positions = torch.full((b, 1), context.sequence_len_offset, dtype=torch.long)
-        tokens = nxt
-    out.kv_cache_bytes = kv_cache_bytes(context)
-    return out
+    """generate() for a single pipeline stage (PP = 1), one micro-batch."""
+
+    class _Groups:
+        tp, pp = tp_group, None
+
+    return generate(model, prompt, new_tokens, _Groups, 1, keep_logits, before_step)
+
+
+def _config_of(model):
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model.config
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this rank: CUDA allocator peak on GPUs, peak RSS of the process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def summarize(durations: List[float]) -> dict:
+    """mean, median and p90 of a list of durations (seconds)."""
+    ordered = sorted(durations)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))] if ordered else 0
+    return {"mean": statistics.fmean(ordered) if ordered else 0.0,
+            "median": statistics.median(ordered) if ordered else 0.0, "p90": p90}

@@ -15,7 +15,7 @@ from typing import Optional
 
 from megatron_mxn.layout import MxnConfigError
 
-ATTENTION_SCHEDULES = ("exact",)
+from megatron_mxn.schedules import EXACT_SCHEDULES, SCHEDULES as ATTENTION_SCHEDULES
 
 
 def add_mxn_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -30,8 +30,17 @@ def add_mxn_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="m: slices of every head's dims. Alongside "
                             "--tensor-model-parallel-size T it gives N = T/M head groups.")
     group.add_argument("--mxn-attention", choices=ATTENTION_SCHEDULES, default="exact",
-                       help="how the grid computes attention (default: exact, the partial-"
-                            "score all-reduce over the dim-slice group)")
+                       help="how the grid computes attention. exact (default): partial-score "
+                            "all-reduce over the dim-slice group; gather: all-gather of the "
+                            "Q/K slices; auto (recommended): per phase and shape the one of "
+                            "those two sending fewer bytes. All three compute standard "
+                            "attention. sliced: the seed paper's per-slice softmax, a "
+                            "DIFFERENT model (h*m heads of d/m dims), never equivalent to "
+                            "exact; checkpoints record it and do not mix with exact ones.")
+    group.add_argument("--mxn-log-comm", action="store_true",
+                       help="count every collective (op, group, bytes, calls) and print a "
+                            "per-layer, per-step table (generation) or per-iteration bytes "
+                            "per group (training)")
     group.add_argument("--mxn-metrics-file", default=None, metavar="PATH",
                        help="append each iteration's lm loss, grad norm, loss scale and "
                             "learning rate, at full precision, as JSON lines (for A/B "
@@ -71,6 +80,8 @@ def resolve_mxn_args(args: argparse.Namespace) -> argparse.Namespace:
     """
     if getattr(args, "mxn_metrics_file", None):
         record_metrics(args.mxn_metrics_file)
+    if getattr(args, "mxn_log_comm", False):
+        log_training_comm(args.log_interval)
     n, m, tp = args.mxn_head_groups, args.mxn_dim_slices, args.tensor_model_parallel_size
     for flag, value in (("--mxn-head-groups", n), ("--mxn-dim-slices", m)):
         if value is not None and value < 1:
@@ -130,10 +141,132 @@ def record_metrics(path: str) -> None:
     training.training_log = training_log
 
 
+def log_training_comm(interval: int) -> None:
+    """--mxn-log-comm for training: count every collective of each train_step (forward,
+    backward, gradient reduction, optimizer) and print, every `interval` iterations on rank 0,
+    the bytes it sent per iteration by group."""
+    import torch.distributed as dist
+    from megatron.training import training
+
+    from megatron_mxn.accounting import CommCounter
+
+    original = training.train_step
+    if getattr(original, "mxn_log_comm", False):
+        return
+    state = {"counts": None, "iterations": 0}
+
+    def train_step(*args, **kwargs):
+        with CommCounter(_group_labels()) as counter:
+            result = original(*args, **kwargs)
+        if state["counts"] is None:
+            state["counts"] = counter.counts
+        else:
+            state["counts"].update(counter.counts)
+        state["iterations"] += 1
+        if state["iterations"] % max(interval, 1) == 0:
+            if dist.get_rank() == 0:
+                k = state["iterations"]
+                by_group: dict = {}
+                for r, calls in state["counts"].items():
+                    sent, n = by_group.get(r.group, (0.0, 0))
+                    by_group[r.group] = (sent + r.sent_bytes * calls, n + calls)
+                print("[mxn] collectives per iteration (rank 0, mean of the last "
+                      f"{k % max(interval, 1) or interval}): " + ", ".join(
+                          f"{g} {sent / interval / 2**20:.3f} MiB in {n / interval:g} calls"
+                          for g, (sent, n) in sorted(by_group.items())), flush=True)
+            state["counts"] = None
+        return result
+
+    train_step.mxn_log_comm = True
+    training.train_step = train_step
+
+
+def _group_labels() -> dict:
+    """Names of megatron's and the grid's process groups, for CommCounter."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_mxn.parallel_state import get_grid, mxn_parallel_is_initialized
+
+    labels = {}
+    if mxn_parallel_is_initialized():
+        grid = get_grid()
+        labels.update({"dim-slice": grid.dim_slice_group, "head-group": grid.head_group_group})
+    for name, getter in (("TP", ps.get_tensor_model_parallel_group),
+                         ("PP", ps.get_pipeline_model_parallel_group),
+                         ("DP", ps.get_data_parallel_group),
+                         ("DP+CP", lambda: ps.get_data_parallel_group(with_context_parallel=True)),
+                         ("MP", ps.get_model_parallel_group),
+                         ("EP", ps.get_expert_model_parallel_group),
+                         ("embedding", ps.get_embedding_group)):
+        try:
+            labels.setdefault(name, getter())
+        except (AssertionError, RuntimeError, AttributeError):
+            pass
+    return {k: v for k, v in labels.items() if v is not None}
+
+
 def _number(value):
     if value is None:
         return None
     return float(value.item() if hasattr(value, "item") else value)
+
+
+# Megatron flags that must agree between a checkpoint and the model it is loaded into.
+SHAPE_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "kv_channels", "ffn_hidden_size", "num_experts", "padded_vocab_size")
+
+
+def attention_model(args) -> str:
+    """'sliced' for the seed paper's per-slice model, 'standard' for every exact schedule."""
+    sliced = getattr(args, "mxn_attention", "exact") == "sliced" and (
+        getattr(args, "mxn_dim_slices", 1) or 1) > 1
+    return f"sliced over {args.mxn_dim_slices} dim slices" if sliced else "standard"
+
+
+def check_checkpoint_args(args) -> None:
+    """Compare this run with the args saved in the `--load` checkpoint (its common state)
+    before anything is loaded: model shape flags, and standard vs sliced
+    attention, which are different models with the same tensor shapes."""
+    import os
+
+    if not getattr(args, "load", None):
+        return
+    tracker = os.path.join(args.load, "latest_checkpointed_iteration.txt")
+    if not os.path.exists(tracker):
+        if getattr(args, "exit_on_missing_checkpoint", False):
+            raise MxnConfigError(f"no Megatron checkpoint in {args.load} "
+                                 f"(no {os.path.basename(tracker)})")
+        return
+    tag = open(tracker).read().strip()
+    step_dir = os.path.join(args.load, tag if tag == "release" else f"iter_{int(tag):07d}")
+    if not os.path.exists(os.path.join(step_dir, "metadata.json")):
+        return  # not a dist_checkpointing (torch_dist) checkpoint; Megatron's loader checks it
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    saved = load_common_state_dict(step_dir).get("args")  # local read, no collective
+    if saved is None:
+        return
+    for name in SHAPE_ARGS:
+        mine, theirs = getattr(args, name, None), getattr(saved, name, None)
+        if name == "num_query_groups" and not getattr(saved, "group_query_attention", True):
+            theirs = saved.num_attention_heads
+        if name == "num_query_groups" and not getattr(args, "group_query_attention", True):
+            mine = args.num_attention_heads
+        if theirs is not None and mine is not None and mine != theirs:
+            raise MxnConfigError(
+                f"checkpoint {args.load} was saved with {name}={theirs}, this run asks for "
+                f"{name}={mine}: the model flags must match the checkpoint's")
+    if not hasattr(saved, "mxn_attention"):
+        saved_model = "standard"  # saved without megatron_mxn: megatron-core's attention
+    else:
+        saved_model = attention_model(saved)
+    if saved_model != attention_model(args):
+        raise MxnConfigError(
+            f"checkpoint {args.load} holds a model with {saved_model} attention, this run "
+            f"asks for {attention_model(args)} attention (--mxn-attention "
+            f"{args.mxn_attention}): the seed paper's sliced attention is a different model "
+            "(h*m heads of d/m dims), so its weights do not load into standard attention or "
+            "back")
 
 
 def _have_te() -> bool:
@@ -193,14 +326,14 @@ class GridLayerSpec:
         return get_mxn_layer_spec(base, dim_slices=self.dim_slices, rotary_percent=rotary)
 
 
-def initialize_grid_after_megatron(head_groups: int, dim_slices: int):
+def initialize_grid_after_megatron(head_groups: int, dim_slices: int, announce: bool = True):
     """Add the grid sub-groups to Megatron's initialized parallel_state; print the layout."""
     import torch.distributed as dist
 
     from megatron_mxn.parallel_state import get_grid, initialize_mxn_parallel
 
     pgs = initialize_mxn_parallel(head_groups, dim_slices)
-    if dist.get_rank() == 0:
+    if announce and dist.get_rank() == 0:
         print(describe_grid(get_grid()), flush=True)
     return pgs
 

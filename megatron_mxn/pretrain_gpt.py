@@ -43,7 +43,11 @@ from megatron.training.utils.common_utils import (  # noqa: E402
     is_first_or_last_pipeline_stage,
 )
 
-from megatron_mxn.megatron_lm import add_mxn_args, mxn_gpt_config_from_args  # noqa: E402
+from megatron_mxn.megatron_lm import (  # noqa: E402
+    add_mxn_args,
+    check_checkpoint_args,
+    mxn_gpt_config_from_args,
+)
 
 FIELDS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
@@ -118,9 +122,16 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 
 
 def main():
+    import sys
+
+    from megatron_mxn.configs import expand_config_args, megatron_option_strings
+
+    # `--config configs/x.yaml --layout NAME`: the config's flags first, explicit flags win.
+    sys.argv[1:] = expand_config_args(sys.argv[1:], megatron_option_strings(add_mxn_args))
     train_valid_test_datasets_provider.is_distributed = True
     args = parse_and_validate_args(extra_args_provider=add_mxn_args,
                                    args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
+    check_checkpoint_args(args)  # before any collective: shape and attention model
     model_cfg = mxn_gpt_config_from_args(args)
     pretrain(pretrain_cfg_container_from_args(args, model_cfg),
              train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)

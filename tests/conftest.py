@@ -58,3 +58,30 @@ def pytest_runtest_setup(item):
 
 def pytest_sessionfinish(session, exitstatus):
     _close_pools()
+
+
+@pytest.fixture(scope="session")
+def cpu_dense_ab(tmp_path_factory):
+    """The CPU-sized dense A/B, run once through scripts/ab_compare.py (which pretrains the
+    checkpoint first): its results folder. Later tests reuse the checkpoint it made."""
+    import subprocess
+    import sys
+
+    from tests.launch import REPO
+
+    results = tmp_path_factory.mktemp("ab")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "ab_compare.py"), "--config",
+         str(REPO / "configs" / "cpu_dense.yaml"), "--results-dir", str(results), "--run", "ab",
+         "--repeats", "2", "--max-new-tokens", "4"],
+        capture_output=True, text=True, timeout=900,
+        env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    return results, proc
+
+
+@pytest.fixture(scope="session")
+def cpu_dense_checkpoint(cpu_dense_ab):
+    results, proc = cpu_dense_ab
+    ckpt = results / "ab" / "cpu_dense" / "checkpoint"
+    assert (ckpt / "latest_checkpointed_iteration.txt").exists(), proc.stdout[-3000:]
+    return ckpt

@@ -96,6 +96,13 @@ class _NoStream:
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
 
+    def record_event(self, event=None):
+        """An event to wait on later (MoE all-to-all dispatcher): already complete."""
+        return event if event is not None else _NoStream()
+
+    def query(self) -> bool:
+        return True
+
 
 @patch("torch.cuda.Stream", TORCH, "stream objects need a device (DDP, param/grad buffers)")
 def _streams():
@@ -247,3 +254,19 @@ def _torch_norm_sequence_parallel():
         return staticmethod(new)
 
     _replace("megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__", make)
+
+
+@patch("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", CORE,
+       "the all-to-all MoE dispatcher turns its split sizes into numpy arrays only when they "
+       "are on a CUDA device; on CPU they stay tensors, which all_to_all_single rejects. The "
+       "CPU tensor gets the same conversion", fingerprint="547dda81e5df")
+def _moe_split_sizes_as_numpy():
+    def make(orig):
+        def move(tensor, as_numpy=False, record_stream=False):
+            if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+                return tensor.numpy()
+            return orig(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+        return move
+
+    _replace("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", make)

@@ -54,6 +54,7 @@ class ModelSpec:
     attention_dropout: float = 0.0
     padding_mask: bool = False
     recompute: Optional[str] = None  # None | full | selective (core attention)
+    experts: int = 0  # > 0: every layer's MLP is megatron-core's MoE layer (top-2 routing)
 
 
 def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = False,
@@ -64,6 +65,10 @@ def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = Fa
                      recompute_num_layers=1)
     elif spec.recompute == "selective":
         extra.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if spec.experts:
+        extra.update(num_moe_experts=spec.experts, moe_router_topk=2,
+                     moe_ffn_hidden_size=2 * spec.hidden, moe_token_dispatcher_type="allgather",
+                     add_bias_linear=False)  # Mixtral-like; megatron has MoE bias only at ETP=1
     return MxnTransformerConfig(
         num_layers=spec.num_layers, hidden_size=spec.hidden, ffn_hidden_size=4 * spec.hidden,
         num_attention_heads=spec.heads, num_query_groups=spec.kv_heads,
@@ -79,7 +84,8 @@ def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = Fa
 def build_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool,
                 max_seq: int = SEQ):
     """GPTModel for this rank's pipeline stage, with the grid spec or megatron's stock one."""
-    layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm is not None,
+    layer = get_gpt_layer_local_spec(num_experts=spec.experts or None,
+                                     qk_layernorm=spec.qk_norm is not None,
                                      normalization=spec.qk_norm)
     if grid:
         rotary = spec.rotary_percent if spec.position == "rope" else 0.0

@@ -44,11 +44,12 @@ def run_tp1(spec: ModelSpec, ckpt_dir: str, save_weights: bool):
     return record, grads
 
 
-def grid_run(spec: ModelSpec, ckpt_dir: str, n: int, m: int, pp: int = 1, sp: bool = False):
+def grid_run(spec: ModelSpec, ckpt_dir: str, n: int, m: int, pp: int = 1, sp: bool = False,
+             schedule: str = "exact"):
     pgs = megatron_mxn.initialize_mxn_parallel(
         n, m, pipeline_model_parallel_size=pp, create_gloo_process_groups=False)
     seed_all(99)  # different init: the weights must come from the checkpoint
-    config = make_config(spec, tp=n * m, pp=pp, m=m, sp=sp)
+    config = make_config(spec, tp=n * m, pp=pp, m=m, sp=sp, mxn_attention=schedule)
     model = build_model(spec, config, pgs, grid=True)
     load(model, ckpt_dir)
     ddp = wrap_ddp(model, config, pgs)
@@ -68,7 +69,7 @@ def _errors(got, grads, ref, ref_grads, err) -> dict:
 
 
 def compare_with_tp1(ckpt_dir: str, n: int, m: int, pp: int = 1, sp: bool = False,
-                     **model_kwargs):
+                     schedule: str = "exact", **model_kwargs):
     """Errors of the grid against megatron-core's TP=1 model with the same weights.
 
     fp32: worst-element relative error of the logits, the loss and every gradient.
@@ -78,7 +79,7 @@ def compare_with_tp1(ckpt_dir: str, n: int, m: int, pp: int = 1, sp: bool = Fals
     """
     spec = ModelSpec(**model_kwargs)
     truth = run_tp1(dataclasses.replace(spec, dtype="fp32"), ckpt_dir, save_weights=True)
-    got = grid_run(spec, ckpt_dir, n, m, pp, sp)
+    got = grid_run(spec, ckpt_dir, n, m, pp, sp, schedule)
     if spec.dtype == "fp32":
         return _errors(*got, *truth, max_rel_err)
     result = _errors(*got, *truth, l2_rel_err)

@@ -1,0 +1,366 @@
+"""Batched greedy generation from a Megatron checkpoint under a grid x PP or TP x PP layout.
+
+    torchrun --nproc-per-node 4 -m megatron_mxn.generate --load CKPT [Megatron model flags]
+        [--mxn-head-groups N --mxn-dim-slices M | --tensor-model-parallel-size T]
+        [--pipeline-model-parallel-size P] --batch-size B --prompt-length L --max-new-tokens K
+
+(or `--config configs/x.yaml --layout NAME` for the model, workload and layout flags). The
+checkpoint may have been saved under any layout. Reports, as a table and as JSON
+(`--output-json`): time to first token, time per output token (mean, median, p90), output and
+total tokens/s, KV-cache bytes and peak memory per rank, and the bytes each group sends per
+layer and decode step. Warm-up generations are excluded from every timing and stated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from typing import List
+
+GENERATE = argparse.ArgumentParser(add_help=False)
+_g = GENERATE.add_argument_group("generation (megatron_mxn)")
+_g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+_g.add_argument("--prompt-length", type=int, default=32,
+                help="length of random prompts (token ids) when there is no --prompts-file")
+_g.add_argument("--prompts-file", default=None,
+                help="one prompt per line: token ids separated by spaces, or text (tokenized "
+                     "with Megatron's tokenizer flags); all of the same length, repeated to "
+                     "fill the batch")
+_g.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per prompt")
+_g.add_argument("--inference-micro-batches", type=int, default=None,
+                help="micro-batches flowing through the pipeline (default: PP size)")
+_g.add_argument("--warmup-steps", type=int, default=2,
+                help="tokens of one untimed warm-up generation (0: none)")
+_g.add_argument("--repeats", type=int, default=1, help="timed generations")
+_g.add_argument("--output-json", default=None, help="write the report here (rank 0)")
+_g.add_argument("--progress-interval", type=int, default=32,
+                help="print progress every this many decode steps")
+_g.add_argument("--prompt-seed", type=int, default=1234, help="seed of the random prompts")
+
+def split_argv(argv: List[str]):
+    """(generation options, remaining Megatron argv), after expanding --config/--layout."""
+    from megatron_mxn.configs import expand_config_args, megatron_option_strings
+    from megatron_mxn.megatron_lm import add_mxn_args
+
+    known = megatron_option_strings(add_mxn_args)
+    known |= {option for action in GENERATE._actions for option in action.option_strings}
+    argv = expand_config_args(argv, known, section="inference")
+    return GENERATE.parse_known_args(argv)
+
+
+def check_request(gen, args) -> None:
+    """Bad requests fail here, identically on every rank, before any collective."""
+    from megatron_mxn.layout import MxnConfigError
+    from megatron_mxn.megatron_lm import check_checkpoint_args
+
+    for name in ("batch_size", "max_new_tokens", "prompt_length", "repeats"):
+        if getattr(gen, name) < 1:
+            raise MxnConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    explicit = set(sys.argv)
+    if "--inference-max-requests" in explicit and gen.batch_size > args.inference_max_requests:
+        raise MxnConfigError(
+            f"--batch-size ({gen.batch_size}) is larger than the KV cache "
+            f"(--inference-max-requests {args.inference_max_requests})")
+    total = gen.prompt_length + gen.max_new_tokens
+    if "--inference-max-seq-length" in explicit and total > args.inference_max_seq_length:
+        raise MxnConfigError(
+            f"prompt + new tokens ({gen.prompt_length} + {gen.max_new_tokens}) exceed the KV "
+            f"cache (--inference-max-seq-length {args.inference_max_seq_length})")
+    if total > args.max_position_embeddings:
+        raise MxnConfigError(f"prompt + new tokens ({total}) exceed --max-position-embeddings "
+                             f"({args.max_position_embeddings})")
+    micro = gen.inference_micro_batches or args.pipeline_model_parallel_size
+    if gen.batch_size % micro:
+        raise MxnConfigError(f"--batch-size ({gen.batch_size}) must be divisible by the "
+                             f"inference micro-batches ({micro})")
+    if args.load is None:
+        raise MxnConfigError("--load CHECKPOINT is required: generation compares layouts on "
+                             "the same weights")
+    check_checkpoint_args(args)
+
+
+def read_prompts(gen, args, tokenizer_fn):
+    """[batch, length] prompt token ids, identical on every rank."""
+    import torch
+
+    from megatron_mxn.layout import MxnConfigError
+
+    if gen.prompts_file is None:
+        vocab = args.padded_vocab_size if args.padded_vocab_size else 1024
+        g = torch.Generator().manual_seed(gen.prompt_seed)
+        return torch.randint(0, min(vocab, getattr(args, "vocab_size", vocab) or vocab),
+                             (gen.batch_size, gen.prompt_length), generator=g)
+    rows = []
+    for line in open(gen.prompts_file):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split()
+        rows.append([int(t) for t in parts] if all(p.isdigit() for p in parts)
+                    else list(tokenizer_fn().tokenize(line)))
+    if not rows:
+        raise MxnConfigError(f"{gen.prompts_file} holds no prompt")
+    if len({len(r) for r in rows}) > 1:
+        raise MxnConfigError(f"{gen.prompts_file}: all prompts must have the same length "
+                             f"(static batch); lengths {sorted({len(r) for r in rows})}")
+    return torch.tensor([rows[k % len(rows)] for k in range(gen.batch_size)])
+
+
+def main(argv=None) -> None:
+    import torch
+
+    import megatron_mxn.cpu
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        megatron_mxn.cpu.enable(training=True)
+    else:
+        megatron_mxn.cpu.install_wheel_fixes()
+    gen, megatron_argv = split_argv(sys.argv[1:] if argv is None else argv)
+    sys.argv = [sys.argv[0], *megatron_argv]
+
+    from megatron.training.arguments import parse_and_validate_args
+
+    from megatron_mxn.megatron_lm import with_mxn_args
+
+    args = parse_and_validate_args(
+        extra_args_provider=with_mxn_args(),
+        args_defaults={"no_load_rng": True, "no_load_optim": True, "micro_batch_size": 1,
+                       "exit_on_missing_checkpoint": True, "tokenizer_type": "NullTokenizer"})
+    check_request(gen, args)
+    report = run(gen, args, cpu)
+    if report is not None:
+        print(format_report(report), flush=True)
+        if gen.output_json:
+            with open(gen.output_json, "w") as f:
+                json.dump(report, f, indent=1)
+
+
+def run(gen, args, cpu: bool):
+    """Initialize Megatron, build and load the model, generate; rank 0 returns the report."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.initialize import initialize_megatron
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    from megatron_mxn.accounting import CommCounter
+    from megatron_mxn.inference import generate, peak_memory_bytes, summarize
+    from megatron_mxn.megatron_lm import initialize_grid_after_megatron, mxn_gpt_config_from_args
+    from megatron_mxn.parallel_state import get_grid, mxn_parallel_is_initialized
+
+    initialize_megatron(allow_no_cuda=cpu)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    model_cfg = mxn_gpt_config_from_args(args)
+    if not mxn_parallel_is_initialized():  # (the grid's layer spec would do it for m > 1)
+        initialize_grid_after_megatron(args.mxn_head_groups, args.mxn_dim_slices,
+                                       announce=args.mxn_dim_slices > 1)
+    chunks = GPTModelBuilder(model_cfg).build_distributed_models(pg_collection=pgs,
+                                                                 wrap_with_ddp=False)
+    load_checkpoint(chunks, None, None)
+    model = chunks[0].eval()
+
+    def tokenizer():
+        from megatron.training import get_tokenizer
+
+        return get_tokenizer()
+
+    prompt = read_prompts(gen, args, tokenizer)
+    micro = gen.inference_micro_batches or args.pipeline_model_parallel_size
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if gen.warmup_steps:
+        generate(model, prompt, min(gen.warmup_steps, gen.max_new_tokens), pgs, micro)
+
+    grid = get_grid()
+    labels = {"TP": pgs.tp, "dim-slice": grid.dim_slice_group,
+              "head-group": grid.head_group_group, "PP": pgs.pp, "DP": pgs.dp,
+              **{name: getattr(pgs, attr, None) for name, attr in (
+                  ("EP", "ep"), ("TPxEP", "tp_ep"), ("expert-TP", "expt_tp"),
+                  ("expert-DP", "expt_dp"))}}
+    layers = _unwrap(model).decoder.layers
+    last_rank = dist.get_world_size() - 1
+    runs, step_counts = [], []
+    for repeat in range(gen.repeats):
+        with CommCounter(labels) as c:
+            c.mark_inside(layers)
+
+            def before_step(step, c=c, repeat=repeat):
+                if repeat == 0 and step > 0:
+                    step_counts.append(dict(c.counts))  # everything of step - 1 so far
+                c.recording = repeat == 0
+                if (dist.get_rank() == last_rank and step and gen.progress_interval
+                        and step % gen.progress_interval == 0):
+                    print(f"  repeat {repeat + 1}/{gen.repeats}: decode step "
+                          f"{step}/{gen.max_new_tokens - 1}", flush=True)
+
+            runs.append(generate(model, prompt, gen.max_new_tokens, pgs, micro,
+                                 before_step=before_step))
+            if repeat == 0:
+                step_counts.append(dict(c.counts))
+    # per-step counts (the counter accumulates: subtract the previous step's totals)
+    per_step = [{r: n - before.get(r, 0) for r, n in now.items() if n - before.get(r, 0)}
+                for before, now in zip([{}] + step_counts[:-1], step_counts)]
+    decode = {}
+    for counts in per_step[1:]:
+        for r, n in counts.items():
+            decode[r] = decode.get(r, 0) + n
+    if args.mxn_log_comm:
+        _print_comm(per_step, decode, len(layers), gen.max_new_tokens - 1)
+    decode_steps = max(gen.max_new_tokens - 1, 1)
+    mine = {
+        "rank": dist.get_rank(),
+        "stage": parallel_state.get_pipeline_model_parallel_rank(),
+        "last_stage": parallel_state.is_pipeline_last_stage(),
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "comm_steps": [sorted([r.op, r.group, r.group_size, r.payload_bytes, r.inside, n]
+                              for r, n in counts.items()) for counts in per_step],
+        "kv_cache_bytes": runs[0].kv_cache_bytes,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "comm_per_layer": {k: v / (decode_steps * len(layers))
+                           for k, v in _sent_by_group(decode, inside=True).items()},
+        "comm_per_step_outside_layers": {
+            k: v / decode_steps for k, v in _sent_by_group(decode, inside=False).items()},
+        "ttft_s": [r.ttft_s for r in runs],
+        "tpot_s": [t for r in runs for t in r.tpot_s],
+        "total_s": [r.step_end_s[-1] for r in runs],
+        "tokens_sha256": (hashlib.sha256(runs[0].tokens.numpy().tobytes()).hexdigest()
+                          if runs[0].tokens.numel() else None),
+        "tokens_head": runs[0].tokens[:2].tolist() if runs[0].tokens.numel() else None,
+    }
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() != 0:
+        return None
+    last = [r for r in everyone if r["last_stage"]][0]
+    b, new = gen.batch_size, gen.max_new_tokens
+    total = summarize(last["total_s"])["median"]
+    steps = new - 1
+    per_repeat = [{"ttft_s": ttft, "tpot_s": summarize(last["tpot_s"][k * steps:(k + 1) * steps]),
+                   "output_tokens_per_s": b * new / t,
+                   "total_tokens_per_s": b * (prompt.shape[1] + new) / t}
+                  for k, (ttft, t) in enumerate(zip(last["ttft_s"], last["total_s"]))]
+    return {
+        "layout": {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
+                   "dp": args.data_parallel_size, "head_groups": args.mxn_head_groups,
+                   "dim_slices": args.mxn_dim_slices, "world": args.world_size,
+                   "expert_parallel": args.expert_model_parallel_size,
+                   "name": layout_name(args)},
+        "workload": {"batch": b, "prompt_length": prompt.shape[1], "new_tokens": new,
+                     "micro_batches": micro, "repeats": gen.repeats,
+                     "warmup": f"{1 if gen.warmup_steps else 0} untimed generation of "
+                               f"{min(gen.warmup_steps, new)} tokens before the timed ones",
+                     "device": "cpu (gloo)" if cpu else torch.cuda.get_device_name()},
+        "ttft_s": summarize(last["ttft_s"]),
+        "tpot_s": summarize(last["tpot_s"]),
+        "output_tokens_per_s": b * new / total,
+        "total_tokens_per_s": b * (prompt.shape[1] + new) / total,
+        "kv_cache_bytes_per_rank": max(r["kv_cache_bytes"] for r in everyone),
+        "peak_memory_bytes_per_rank": max(r["peak_memory_bytes"] for r in everyone),
+        "peak_memory_kind": "CUDA peak allocated" if not cpu else "peak RSS of the process",
+        "comm_bytes_per_layer_per_decode_step": _max_by_key(r["comm_per_layer"] for r in everyone),
+        "comm_bytes_per_decode_step_outside_layers": _max_by_key(
+            r["comm_per_step_outside_layers"] for r in everyone),
+        "tokens_sha256": last["tokens_sha256"],
+        "tokens_head": last["tokens_head"],
+        "repeats": per_repeat,
+        "schedule": args.mxn_attention,
+        "per_stage": {str(r["stage"]): {k: r[k] for k in ("rank", "param_bytes", "kv_cache_bytes",
+                                                          "comm_steps")}
+                      for r in reversed(everyone)},  # (the stage's first rank wins)
+    }
+
+
+def _sent_by_group(counts: dict, inside: bool) -> dict:
+    out: dict = {}
+    for r, n in counts.items():
+        if r.inside == inside:
+            out[r.group] = out.get(r.group, 0.0) + r.sent_bytes * n
+    return out
+
+
+def _print_comm(per_step, decode, layers: int, decode_steps: int) -> None:
+    """--mxn-log-comm: every collective of the prefill and of the decode steps (per step)."""
+    import torch.distributed as dist
+
+    from megatron_mxn.accounting import CommCounter
+
+    table = CommCounter().table
+    for rank in range(dist.get_world_size()):
+        if rank == dist.get_rank():
+            print(f"[mxn] collectives of rank {rank} ({layers} layers on this rank), prefill:\n"
+                  f"{table(per_step[0])}", flush=True)
+            if decode_steps:
+                print(f"[mxn] collectives of rank {rank}, per decode step (mean of "
+                      f"{decode_steps}):\n{table(decode, per=decode_steps)}", flush=True)
+        dist.barrier()
+
+
+def layout_name(args) -> str:
+    pp = f" PP={args.pipeline_model_parallel_size}" if args.pipeline_model_parallel_size > 1 else ""
+    if args.mxn_dim_slices > 1:
+        schedule = "" if args.mxn_attention == "exact" else f" {args.mxn_attention}"
+        return f"grid {args.mxn_head_groups}x{args.mxn_dim_slices}{pp}{schedule}"
+    return f"TP={args.tensor_model_parallel_size}{pp}"
+
+
+def _max_by_key(dicts) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = max(out.get(k, 0.0), v)
+    return dict(sorted(out.items()))
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _fmt_bytes(x: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(x) < 1024 or unit == "TiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.2f} {unit}"
+        x /= 1024
+    return str(x)
+
+
+def format_report(r: dict) -> str:
+    w = r["workload"]
+    ms = 1000.0
+    comm = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in
+                     r["comm_bytes_per_layer_per_decode_step"].items()) or "none"
+    outside = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in
+                        r["comm_bytes_per_decode_step_outside_layers"].items()) or "none"
+    rows = [
+        ("layout", f"{r['layout']['name']} ({r['layout']['world']} ranks, DP "
+                   f"{r['layout']['dp']})"),
+        ("workload", f"batch {w['batch']}, prompt {w['prompt_length']}, {w['new_tokens']} new "
+                     f"tokens, {w['micro_batches']} micro-batch(es), {w['repeats']} timed "
+                     f"repeat(s), {w['device']}"),
+        ("warm-up (excluded)", w["warmup"]),
+        ("time to first token", f"{r['ttft_s']['median'] * ms:.1f} ms (median)"),
+        ("time per output token", f"mean {r['tpot_s']['mean'] * ms:.2f} ms, median "
+                                  f"{r['tpot_s']['median'] * ms:.2f} ms, p90 "
+                                  f"{r['tpot_s']['p90'] * ms:.2f} ms"),
+        ("output tokens/s", f"{r['output_tokens_per_s']:.1f}"),
+        ("total tokens/s", f"{r['total_tokens_per_s']:.1f}"),
+        ("KV cache / rank", _fmt_bytes(r["kv_cache_bytes_per_rank"])),
+        ("peak memory / rank", f"{_fmt_bytes(r['peak_memory_bytes_per_rank'])} "
+                               f"({r['peak_memory_kind']})"),
+        ("sent / layer / decode step / rank", comm),
+        ("sent / decode step outside layers", outside),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["| metric | value |", "|---|---|"]
+                     + [f"| {k.ljust(width)} | {v} |" for k, v in rows])
+
+
+if __name__ == "__main__":
+    main()

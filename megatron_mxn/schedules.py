@@ -1,0 +1,68 @@
+"""The grid's attention schedules and the bytes each one sends over the dim-slice group.
+
+Rank (i, j) holds Q_ij [b, h/n, sq, d/m] and K_ij [b, g', sk, d/m] (g' = its KV heads).
+
+* exact:  S_i = sum_j Q_ij K_ij^T, an fp32 all-reduce of b*(h/n)*sq*sk scores over the m ranks.
+* gather: all-gather Q_i. and K_i. (their dims) over the m ranks and compute S_i locally; the
+          backward of the all-gather is a reduce-scatter, which sums dQ/dK exactly.
+* auto:   per call, the exact schedule of the two that sends fewer bytes (prefill with long
+          prompts: gather; decode: exact), so the choice follows phase and shape.
+* sliced: the seed paper's per-slice softmax(Q_ij K_ij^T / sqrt(d/m)) V_ij: no score traffic,
+          but h*m heads of size d/m, i.e. a different model than the checkpoint's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEDULES = ("exact", "gather", "auto", "sliced")
+EXACT_SCHEDULES = ("exact", "gather", "auto")  # compute standard attention
+
+
+@dataclass(frozen=True)
+class ScoreShape:
+    """What one rank's core attention sees in one call."""
+
+    batch: int
+    heads: int  # query heads on this rank (h/n)
+    kv_heads: int  # KV heads on this rank before GQA expansion
+    sq: int
+    sk: int
+    slice_dim: int  # d/m
+    dim_slices: int  # m
+    elem_bytes: int  # bytes of one Q/K element (2 for fp16/bf16, 4 for fp32)
+
+
+def collectives(schedule: str, s: ScoreShape):
+    """[(op, payload bytes)] the schedule issues over the dim-slice group in one forward call;
+    payload = the all-reduce's tensor or the all-gather's output (the accounting's convention)."""
+    m = s.dim_slices
+    if m == 1 or schedule == "sliced":
+        return []
+    if schedule == "exact":
+        return [("all_reduce", s.batch * s.heads * s.sq * s.sk * 4)]
+    if schedule == "gather":
+        return [("all_gather", s.sq * s.batch * s.heads * s.slice_dim * m * s.elem_bytes),
+                ("all_gather", s.sk * s.batch * s.kv_heads * s.slice_dim * m * s.elem_bytes)]
+    raise ValueError(f"no fixed collectives for schedule {schedule!r}")
+
+
+def sent_bytes(op: str, payload: int, group_size: int) -> float:
+    """Bytes one rank sends (ring algorithms), as megatron_mxn.accounting counts them."""
+    if group_size <= 1:
+        return 0.0
+    if op == "all_reduce":
+        return 2 * (group_size - 1) / group_size * payload
+    return (group_size - 1) / group_size * payload
+
+
+def schedule_bytes(schedule: str, s: ScoreShape) -> float:
+    return sum(sent_bytes(op, size, s.dim_slices) for op, size in collectives(schedule, s))
+
+
+def choose(schedule: str, s: ScoreShape) -> str:
+    """The schedule a call runs: `auto` resolves to the exact schedule sending fewer bytes
+    (ties: exact, one collective instead of two)."""
+    if schedule != "auto":
+        return schedule
+    return "gather" if schedule_bytes("gather", s) < schedule_bytes("exact", s) else "exact"

@@ -1,0 +1,70 @@
+"""Measured collectives, weights and KV cache of a generation vs megatron_mxn.cost_model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+import megatron_mxn
+from megatron_mxn.accounting import CommCounter
+from megatron_mxn.cost_model import (
+    Layout,
+    ModelShape,
+    kv_cache_bytes,
+    step_collectives,
+    weight_bytes,
+)
+from megatron_mxn.inference import generate
+from tests.cases.common import VOCAB, ModelSpec, build_model, make_config, seed_all
+
+BATCH, PROMPT, NEW = 4, 8, 3
+
+
+def shape_of(spec: ModelSpec) -> ModelShape:
+    """The test model (tests/cases/common.py) as the cost model sees it."""
+    return ModelShape(layers=spec.num_layers, hidden=spec.hidden, heads=spec.heads,
+                      kv_heads=spec.kv_heads, head_dim=spec.head_dim, ffn=4 * spec.hidden,
+                      vocab=VOCAB, qk_norm=spec.qk_norm, elem_bytes=4, untied=True,
+                      vocab_divisible_by=1, normalization="LayerNorm", bias=True)
+
+
+def measured_vs_predicted(n: int, m: int, pp: int, grid: bool, schedule: str = "exact",
+                          micro_batches: int = 2, **model_kwargs):
+    spec = ModelSpec(num_layers=4, **model_kwargs)
+    pgs = megatron_mxn.initialize_mxn_parallel(n, m, pipeline_model_parallel_size=pp,
+                                               create_gloo_process_groups=False)
+    seed_all()
+    config = make_config(spec, tp=n * m, pp=pp, m=m if grid else 1, mxn_attention=schedule)
+    model = build_model(spec, config, pgs, grid=grid, max_seq=64).eval()
+    g = megatron_mxn.get_grid()
+    labels = {"TP": pgs.tp, "dim-slice": g.dim_slice_group, "head-group": g.head_group_group,
+              "PP": pgs.pp}
+    prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
+    steps = []
+    with CommCounter(labels) as counter:
+        counter.mark_inside(model.decoder.layers)
+        result = generate(model, prompt, NEW, pgs, micro_batches,
+                          before_step=lambda step: steps.append(counter.reset()))
+        steps.append(counter.reset())
+    measured = steps[1:]  # the counts of step k are taken when step k + 1 starts
+    layout = Layout(tp=n * m, pp=pp, dim_slices=m if grid else 1, schedule=schedule,
+                    micro_batches=micro_batches)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    shape = shape_of(spec)
+    predicted = [step_collectives(shape, layout, BATCH, PROMPT, k, NEW, stage)
+                 for k in range(NEW)]
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    out = {"rank": dist.get_rank(),
+           "steps": [(_rows(a), _rows(b)) for a, b in zip(measured, predicted)],
+           "weights": (params, weight_bytes(shape, layout, stage)),
+           "kv": (result.kv_cache_bytes, kv_cache_bytes(shape, layout, BATCH, PROMPT + NEW))}
+    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
+    return out
+
+
+def _rows(counts: Counter):
+    return sorted((r.op, r.group, r.group_size, r.payload_bytes, r.inside, c)
+                  for r, c in counts.items())

@@ -1,0 +1,58 @@
+"""configs/*.yaml expand into flags that Megatron's parser and megatron_mxn.generate know."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_mxn.configs import expand_config_args, load_config, megatron_option_strings
+from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.megatron_lm import add_mxn_args
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def known():
+    from megatron_mxn.generate import GENERATE
+
+    megatron = megatron_option_strings(add_mxn_args)
+    return {"training": megatron,
+            "inference": megatron | {o for a in GENERATE._actions for o in a.option_strings}}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_layout_expands_for_pretrain_and_generate(path, known):
+    cfg = load_config(path)
+    assert {"baseline", "grid", "tp"} <= set(cfg["layouts"])
+    for layout in cfg["layouts"]:
+        for section in ("training", "inference"):
+            argv = expand_config_args(["--config", str(path), "--layout", layout, "--lr", "1"],
+                                      known[section], section)
+            assert argv[-2:] == ["--lr", "1"]  # explicit flags come last, so they win
+            assert "--num-layers" in argv and argv[argv.index("--num-layers") + 1] == "4"
+
+
+def test_layout_flags_are_what_the_config_says():
+    argv = expand_config_args(["--config", str(CONFIGS[0].parent / "paper_dense.yaml"),
+                               "--layout", "grid"], None, "inference")
+    assert argv[argv.index("--mxn-head-groups") + 1] == "4"
+    assert argv[argv.index("--mxn-dim-slices") + 1] == "4"
+    assert argv[argv.index("--batch-size") + 1] == "1024"
+    assert "--fp16" in argv
+
+
+def test_unknown_key_names_the_closest_flag(tmp_path, known):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num-layer: 4\nlayouts:\n  a: {}\n")
+    with pytest.raises(MxnConfigError, match=r"unknown config key 'num-layer' in .*bad.yaml "
+                                             r"\(model\); did you mean 'num-layers'"):
+        expand_config_args(["--config", str(bad)], known["training"])
+    bad.write_text("modle:\n  num-layers: 4\n")
+    with pytest.raises(MxnConfigError, match=r"unknown config section\(s\) \['modle'\]"):
+        expand_config_args(["--config", str(bad)], known["training"])
+
+
+def test_unknown_layout_lists_the_layouts():
+    with pytest.raises(MxnConfigError, match=r"no layout 'grid4' \(layouts: \['baseline', "
+                                             r"'grid', 'tp'\]\)"):
+        expand_config_args(["--config", str(CONFIGS[0]), "--layout", "grid4"])

@@ -1,0 +1,41 @@
+"""The cost model predicts every collective (op, group, payload, calls) of prefill and decode
+steps exactly, and each rank's weight and KV-cache bytes, on several layouts."""
+
+import pytest
+
+from megatron_mxn.cost_model import Layout, ModelShape, check_layout
+from megatron_mxn.layout import MxnConfigError
+from tests.cases.cost import measured_vs_predicted
+
+pytestmark = pytest.mark.uses_pool
+
+
+@pytest.mark.parametrize("n,m,pp,grid,schedule,extra", [
+    (2, 2, 1, True, "exact", {}),
+    (1, 4, 1, True, "gather", {}),
+    (2, 2, 1, True, "auto", {"kv_heads": 1, "qk_norm": "LayerNorm"}),  # KV shared by groups
+    (4, 1, 1, False, "exact", {}),  # megatron-core TP=4 with 2 KV heads
+    (2, 1, 2, False, "exact", {}),  # TP=2 PP=2
+    (1, 2, 2, True, "exact", {}),  # grid 1x2 x PP 2
+], ids=["grid2x2", "grid1x4-gather", "grid2x2-auto-mqa-qknorm", "tp4", "tp2pp2", "grid1x2pp2"])
+def test_measured_equals_predicted(pool4, n, m, pp, grid, schedule, extra):
+    for r in pool4.run(measured_vs_predicted, n=n, m=m, pp=pp, grid=grid, schedule=schedule,
+                       **extra):
+        for step, (measured, predicted) in enumerate(r["steps"]):
+            assert measured == predicted, (r["rank"], step, measured, predicted)
+        assert r["weights"][0] == r["weights"][1], r
+        assert r["kv"][0] == r["kv"][1], r
+
+
+def test_layout_rules_are_named():
+    model = ModelShape(layers=4, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
+                       vocab=128256)
+    with pytest.raises(MxnConfigError, match=r"num_attention_heads \(32\) must be divisible "
+                                             r"by the head groups \(3\)"):
+        check_layout(model, Layout(tp=6, dim_slices=2))
+    with pytest.raises(MxnConfigError, match=r"head dim \(128\) must be divisible by 2\*m "
+                                             r"\(256\)"):
+        check_layout(model, Layout(tp=128, dim_slices=128))
+    with pytest.raises(MxnConfigError, match=r"num_layers \(4\) must be divisible by PP \(3\)"):
+        check_layout(model, Layout(tp=8, pp=3))
+    check_layout(model, Layout(tp=16, dim_slices=4))  # the seed's grid 4x4

@@ -1,0 +1,68 @@
+"""The generation entry point and the A/B driver, run for real (torchrun, gloo, CPU)."""
+
+import csv
+
+import pytest
+
+from tests.launch import REPO, run_ranks_apart
+
+CPU_DENSE = str(REPO / "configs" / "cpu_dense.yaml")
+LAYOUT_NAMES = ["TP=2 PP=2", "grid 2x2", "TP=4"]
+METRICS = ["output_tokens_per_s", "total_tokens_per_s", "tpot_median_s", "tpot_p90_s", "ttft_s",
+           "kv_cache_bytes_per_rank", "peak_memory_bytes_per_rank"]
+
+
+def test_ab_driver_writes_md_csv_png_with_identical_tokens(cpu_dense_ab):
+    results, proc = cpu_dense_ab
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    md = (results / "ab.md").read_text()
+    assert "All layouts generated identical tokens: yes." in md
+    assert "FAILED" not in md and "grid / baseline:" in md and "grid / tp:" in md
+    for name in LAYOUT_NAMES:
+        assert f"| {name} |" in md
+    rows = list(csv.DictReader(open(results / "ab.csv")))
+    for name in LAYOUT_NAMES:
+        got = {r["metric"]: r for r in rows if r["layout"] == name}
+        for metric in METRICS:
+            assert float(got[metric]["median"]) > 0, (name, metric)
+        assert float(got["sent_bytes_per_layer_step_TP"]["median"]) > 0
+        assert int(got["tpot_median_s"]["n"]) == 2  # the repeats
+    hashes = {r["median"] for r in rows if r["metric"] == "tokens_sha256"}
+    assert len(hashes) == 1
+    dim_slice = [r for r in rows if r["metric"] == "sent_bytes_per_layer_step_dim-slice"]
+    assert [r["layout"] for r in dim_slice] == ["grid 2x2"]  # only the grid reduces scores
+    kv = {r["layout"]: float(r["median"]) for r in rows if r["metric"] == "kv_cache_bytes_per_rank"}
+    assert kv["grid 2x2"] == kv["TP=2 PP=2"] == kv["TP=4"] / 2  # TP=4 > 2 KV heads replicates
+    png = (results / "ab.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("flags,rule", [
+    (["--num-attention-heads", "4", "--kv-channels", "32"],
+     "was saved with num_attention_heads=8, this run asks for num_attention_heads=4"),
+    (["--inference-max-requests", "4", "--batch-size", "8"],
+     "--batch-size (8) is larger than the KV cache (--inference-max-requests 4)"),
+    (["--max-new-tokens", "60"],
+     "prompt + new tokens (84) exceed --max-position-embeddings (64)"),
+    (["--mxn-dim-slices", "2", "--mxn-attention", "sliced"],
+     "holds a model with standard attention, this run asks for sliced over 2 dim slices "
+     "attention"),
+])
+def test_generate_refuses_bad_requests_on_every_rank(cpu_dense_checkpoint, tmp_path, flags,
+                                                     rule):
+    run = run_ranks_apart("-m megatron_mxn.generate", 2, [
+        "--config", CPU_DENSE, "--tensor-model-parallel-size", "2",
+        "--load", str(cpu_dense_checkpoint), *flags], tmp_path, timeout=180)
+    assert run.returncode != 0
+    for rank, log in run.rank_logs.items():
+        assert rule in log, (rank, log[-2000:])
+
+
+def test_generate_refuses_unknown_config_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(CPU_DENSE).read().replace("  batch-size: 8", "  batch-sise: 8"))
+    run = run_ranks_apart("-m megatron_mxn.generate", 1, ["--config", str(bad)], tmp_path,
+                          timeout=120)
+    assert run.returncode != 0
+    assert "unknown config key 'batch-sise' in" in run.rank_logs[0]
+    assert "did you mean 'batch-size'?" in run.rank_logs[0]

@@ -1,0 +1,40 @@
+"""--mxn-attention schedules: gather and auto compute megatron-core's TP=1 model exactly;
+sliced is the seed paper's per-slice model, checked against plain torch; auto's choices."""
+
+import pytest
+
+from megatron_mxn.schedules import ScoreShape, choose, schedule_bytes
+from tests.cases.equivalence import compare_with_tp1
+from tests.cases.schedules import auto_choices, sliced_matches_plain_torch
+from tests.test_equivalence import CASES, FP32_TOL, _check
+
+pytestmark = pytest.mark.uses_pool
+
+
+@pytest.mark.parametrize("schedule,name", [
+    ("gather", "2x2"), ("gather", "1x4"), ("gather", "qk_layernorm_2x2"),
+    ("gather", "pp2_grid_1x2"), ("gather", "sequence_parallel_2x2"), ("auto", "2x2"),
+])
+def test_exact_schedules_match_tp1(request, tmp_path, schedule, name):
+    n, m, world, extra = CASES[name]
+    pool = request.getfixturevalue(f"pool{world}")
+    _check(pool.run(compare_with_tp1, ckpt_dir=str(tmp_path), n=n, m=m, schedule=schedule,
+                    **extra), FP32_TOL)
+
+
+@pytest.mark.parametrize("n,m,kv_heads", [(2, 2, 2), (1, 4, 2), (4, 1, 1), (2, 2, 1)])
+def test_sliced_is_plain_per_slice_attention(pool4, n, m, kv_heads):
+    for err in pool4.run(sliced_matches_plain_torch, n=n, m=m, kv_heads=kv_heads):
+        for what, value in err.items():
+            assert value < 1e-5, (what, value)
+
+
+def test_auto_picks_gather_for_long_prefill_and_exact_for_decode(pool4):
+    # 8 heads of 16 dims, 2 KV heads, grid 1x4 (h/n = 8 heads and 2 KV heads of 4 dims per
+    # rank), fp32: a prefill of 64 sends 6.4x fewer bytes gathering Q/K than reducing scores.
+    shape = ScoreShape(1, 8, 2, 64, 64, 4, 4, 4)
+    assert schedule_bytes("gather", shape) == 30720 and schedule_bytes("exact", shape) == 196608
+    decode = ScoreShape(1, 8, 2, 1, 65, 4, 4, 4)
+    assert choose("auto", decode) == "exact"
+    for decisions in pool4.run(auto_choices, n=1, m=4, prefill=64):
+        assert decisions == [("prefill", 64, 64, "gather"), ("decode", 1, 65, "exact")]
