@@ -70,13 +70,16 @@ class CommCounter:
     labels: {name: process group} used to name groups in the records (others are
     "group of G"). `recording` is the caller's switch (e.g. decode steps only);
     `mark_inside(modules)` tags the records issued inside those modules' forward.
-    `counts` maps each distinct CommRecord to its number of calls (one dict update per
-    collective: cheap enough to leave on).
+    `counts` maps each distinct CommRecord to its number of calls, and `layer_bytes` the bytes
+    sent inside each marked module by group ((layer number, group) -> bytes): two dict updates
+    per collective, cheap enough to leave on.
     """
 
     def __init__(self, labels: Optional[Dict[str, dist.ProcessGroup]] = None):
         self.counts: Counter = Counter()
+        self.layer_bytes: Counter = Counter()
         self.inside = True  # switched by mark_inside's hooks
+        self.layer = None  # the marked module running now (its layer_number, or its index)
         self.recording = True  # switched by the caller
         self._labels = labels or {}
         self._undo: List[Callable[[], None]] = []
@@ -97,8 +100,10 @@ class CommCounter:
                     group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
                 tensor = args[arg] if len(args) > arg else kwargs[name]
                 size = dist.get_world_size(group) if op != "send" else 2
-                self.counts[CommRecord(op, self._label(group), size, _nbytes(tensor),
-                                       self.inside)] += 1
+                record = CommRecord(op, self._label(group), size, _nbytes(tensor), self.inside)
+                self.counts[record] += 1
+                if self.layer is not None:
+                    self.layer_bytes[(self.layer, record.group)] += record.sent_bytes
             return fn(*args, **kwargs)
 
         counted.__wrapped__ = fn
@@ -126,15 +131,29 @@ class CommCounter:
 
     def mark_inside(self, modules) -> List:
         """Tag records issued while one of `modules` runs its forward (e.g. the transformer
-        layers) as inside, the others as outside; returns the hook handles."""
+        layers) as inside, the others as outside, and attribute their bytes to the module's
+        `layer_number` (else its index); returns the hook handles."""
         self.inside = False
         handles = []
-        for module in modules:
-            handles.append(module.register_forward_pre_hook(
-                lambda *_: setattr(self, "inside", True)))
-            handles.append(module.register_forward_hook(
-                lambda *_: setattr(self, "inside", False)))
+        for index, module in enumerate(modules):
+            number = getattr(module, "layer_number", index)
+
+            def enter(*_, number=number):
+                self.inside, self.layer = True, number
+
+            def leave(*_):
+                self.inside, self.layer = False, None
+
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
         return handles
+
+    def sent_bytes_by_layer(self) -> Dict[int, Dict[str, float]]:
+        """{layer number: {group: bytes sent}} for the marked modules."""
+        out: Dict[int, Dict[str, float]] = defaultdict(dict)
+        for (layer, group), sent in sorted(self.layer_bytes.items()):
+            out[layer][group] = sent
+        return dict(out)
 
     def sent_bytes_by_group(self, inside: Optional[bool] = None) -> Dict[str, float]:
         """Bytes this rank sent, per group label (only inside/outside records if asked)."""
@@ -149,7 +168,7 @@ class CommCounter:
 
     def reset(self) -> Counter:
         """Return the counts so far and start again (e.g. once per step)."""
-        counts, self.counts = self.counts, Counter()
+        counts, self.counts, self.layer_bytes = self.counts, Counter(), Counter()
         return counts
 
     def table(self, counts: Optional[Counter] = None, per: float = 1.0) -> str:

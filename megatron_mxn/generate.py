@@ -203,6 +203,7 @@ def run(gen, args, cpu: bool):
                                  before_step=before_step))
             if repeat == 0:
                 step_counts.append(dict(c.counts))
+                layer_bytes = c.sent_bytes_by_layer()  # prefill + decode steps
     # per-step counts (the counter accumulates: subtract the previous step's totals)
     per_step = [{r: n - before.get(r, 0) for r, n in now.items() if n - before.get(r, 0)}
                 for before, now in zip([{}] + step_counts[:-1], step_counts)]
@@ -211,7 +212,7 @@ def run(gen, args, cpu: bool):
         for r, n in counts.items():
             decode[r] = decode.get(r, 0) + n
     if args.mxn_log_comm:
-        _print_comm(per_step, decode, len(layers), gen.max_new_tokens - 1)
+        _print_comm(per_step, decode, len(layers), gen.max_new_tokens - 1, layer_bytes)
     decode_steps = max(gen.max_new_tokens - 1, 1)
     mine = {
         "rank": dist.get_rank(),
@@ -284,8 +285,9 @@ def _sent_by_group(counts: dict, inside: bool) -> dict:
     return out
 
 
-def _print_comm(per_step, decode, layers: int, decode_steps: int) -> None:
-    """--mxn-log-comm: every collective of the prefill and of the decode steps (per step)."""
+def _print_comm(per_step, decode, layers: int, decode_steps: int, layer_bytes) -> None:
+    """--mxn-log-comm: every collective of the prefill and of the decode steps (per step),
+    and the bytes each layer sent by group over the whole generation."""
     import torch.distributed as dist
 
     from megatron_mxn.accounting import CommCounter
@@ -298,6 +300,9 @@ def _print_comm(per_step, decode, layers: int, decode_steps: int) -> None:
             if decode_steps:
                 print(f"[mxn] collectives of rank {rank}, per decode step (mean of "
                       f"{decode_steps}):\n{table(decode, per=decode_steps)}", flush=True)
+            print(f"[mxn] bytes sent by rank {rank} per layer (prefill + all decode steps): "
+                  + "; ".join(f"layer {n}: " + ", ".join(f"{g} {b:.0f}" for g, b in by.items())
+                              for n, by in layer_bytes.items()), flush=True)
         dist.barrier()
 
 

@@ -23,6 +23,7 @@ def test_measured_equals_predicted(pool4, n, m, pp, grid, schedule, extra):
                        **extra):
         for step, (measured, predicted) in enumerate(r["steps"]):
             assert measured == predicted, (r["rank"], step, measured, predicted)
+        assert r["per_layer"][0], r["per_layer"]  # each layer's bytes by group, decode step
         assert r["weights"][0] == r["weights"][1], r
         assert r["kv"][0] == r["kv"][1], r
 

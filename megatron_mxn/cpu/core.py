@@ -36,27 +36,61 @@ def _replace(target: str, make):
 # --------------------------------------------------------------------------- fusions
 
 
-class _EagerFusers:
-    """Import hook: runs megatron.core.jit's disable_jit_fuser() right after that module
-    executes, before any fusion module decorates its functions with the fuser."""
+def _eager_compile(fn=None, **kwargs):
+    """torch.compile's signature, returning the function itself (both decorator forms)."""
+    if fn is None:
+        return lambda f: f
+    return fn
 
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name != "megatron.core.jit":
+
+class _EagerMegatronImports:
+    """Import hook for megatron's modules, installed before megatron is imported:
+
+    * while a megatron module executes, torch.compile is the identity, so the functions it
+      decorates with @torch.compile at import time run eagerly (`eager_compile`);
+    * right after megatron.core.jit executes, its disable_jit_fuser() runs, before any fusion
+      module decorates its functions with the fuser (`eager_fusers`).
+    """
+
+    eager_compile = False
+    eager_fusers = False
+    depth = 0
+    original = None
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if not name.startswith("megatron."):
             return None
         import importlib.machinery
 
         spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return None
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
         run = spec.loader.exec_module
 
         def exec_module(module):
-            run(module)
-            module.disable_jit_fuser()
+            swap = cls.eager_compile and cls.depth == 0
+            if swap:
+                cls.original, torch.compile = torch.compile, _eager_compile
+            cls.depth += 1
+            try:
+                run(module)
+            finally:
+                cls.depth -= 1
+                if swap:
+                    torch.compile = cls.original
+            if cls.eager_fusers and name == "megatron.core.jit":
+                module.disable_jit_fuser()
 
         spec.loader.exec_module = exec_module
         return spec
+
+    @classmethod
+    def install(cls) -> None:
+        import sys
+
+        if cls not in sys.meta_path:
+            sys.meta_path.insert(0, cls)
 
 
 @patch("megatron.core.jit.enable_jit_fuser", CORE,
@@ -69,8 +103,18 @@ def _eager_fusers():
 
     if "megatron.core.jit" in sys.modules:
         sys.modules["megatron.core.jit"].disable_jit_fuser()
-    else:
-        sys.meta_path.insert(0, _EagerFusers)
+    _EagerMegatronImports.eager_fusers = True
+    _EagerMegatronImports.install()
+
+
+@patch("torch.compile", TORCH,
+       "megatron decorates some functions with @torch.compile at import time (the MoE router's "
+       "top-k routing): on CPU that costs seconds per process importing dynamo and inductor "
+       "and compiling C++; CPU mode runs them eagerly. torch.compile is swapped only while a "
+       "megatron module is being imported (installed before megatron is imported)")
+def _eager_compile_in_megatron():
+    _EagerMegatronImports.eager_compile = True
+    _EagerMegatronImports.install()
 
 
 # --------------------------------------------------------------------------- torch.cuda API
@@ -270,3 +314,20 @@ def _moe_split_sizes_as_numpy():
         return move
 
     _replace("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", make)
+
+
+@patch("megatron.core.dist_checkpointing.strategies.filesystem_async.get_write_results_queue",
+       CORE, "a torch_dist save creates its results queue through a multiprocessing Manager "
+       "started with 'spawn', a fresh interpreter that re-imports the training script: seconds "
+       "per rank on a small CPU machine. CPU mode starts it with 'fork' (what megatron's own "
+       "async save asks for)", fingerprint="46b5e470de19")
+def _fork_checkpoint_results_queue():
+    target = "megatron.core.dist_checkpointing.strategies.filesystem_async.get_write_results_queue"
+
+    def make(orig):
+        def get_write_results_queue(mp_mode: str = "fork"):
+            return orig(mp_mode=mp_mode)
+
+        return get_write_results_queue
+
+    _replace(target, make)

@@ -14,6 +14,7 @@ from megatron_mxn.cost_model import (
     Layout,
     ModelShape,
     kv_cache_bytes,
+    layer_collectives,
     step_collectives,
     weight_bytes,
 )
@@ -43,12 +44,16 @@ def measured_vs_predicted(n: int, m: int, pp: int, grid: bool, schedule: str = "
     labels = {"TP": pgs.tp, "dim-slice": g.dim_slice_group, "head-group": g.head_group_group,
               "PP": pgs.pp}
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
-    steps = []
+    steps, layer_bytes = [], []
+
+    def before_step(step):
+        layer_bytes.append(counter.sent_bytes_by_layer())
+        steps.append(counter.reset())
+
     with CommCounter(labels) as counter:
         counter.mark_inside(model.decoder.layers)
-        result = generate(model, prompt, NEW, pgs, micro_batches,
-                          before_step=lambda step: steps.append(counter.reset()))
-        steps.append(counter.reset())
+        result = generate(model, prompt, NEW, pgs, micro_batches, before_step=before_step)
+        before_step(NEW)
     measured = steps[1:]  # the counts of step k are taken when step k + 1 starts
     layout = Layout(tp=n * m, pp=pp, dim_slices=m if grid else 1, schedule=schedule,
                     micro_batches=micro_batches)
@@ -56,8 +61,16 @@ def measured_vs_predicted(n: int, m: int, pp: int, grid: bool, schedule: str = "
     shape = shape_of(spec)
     predicted = [step_collectives(shape, layout, BATCH, PROMPT, k, NEW, stage)
                  for k in range(NEW)]
+    # Every layer of this stage sends, in a decode step, what layer_collectives predicts.
+    mb = BATCH // micro_batches
+    want_layer = {}
+    for r, calls in layer_collectives(shape, layout, mb, 1, PROMPT + NEW - 1).items():
+        want_layer[r.group] = want_layer.get(r.group, 0.0) + r.sent_bytes * calls * micro_batches
+    last_decode = layer_bytes[-1]
+    layer_ok = (len(last_decode) == spec.num_layers // pp
+                and all(by == want_layer for by in last_decode.values()))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    out = {"rank": dist.get_rank(),
+    out = {"rank": dist.get_rank(), "per_layer": (layer_ok, last_decode, want_layer),
            "steps": [(_rows(a), _rows(b)) for a, b in zip(measured, predicted)],
            "weights": (params, weight_bytes(shape, layout, stage)),
            "kv": (result.kv_cache_bytes, kv_cache_bytes(shape, layout, BATCH, PROMPT + NEW))}
