@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from typing import Optional
 
 from megatron_mxn.layout import MxnConfigError
@@ -108,6 +109,12 @@ def resolve_mxn_args(args: argparse.Namespace) -> argparse.Namespace:
     args.tensor_model_parallel_size = n * m
     if m > 1 and getattr(args, "context_parallel_size", 1) > 1:
         raise MxnConfigError("context parallelism cannot be combined with --mxn-dim-slices > 1")
+    if getattr(args, "mxn_attention", "exact") == "sliced" and m > 1 and \
+            os.environ.get("RANK", "0") == "0":
+        print(f"> mxn WARNING: --mxn-attention sliced is the seed paper's per-slice softmax, a "
+              f"different model from standard attention ({args.num_attention_heads} x {m} "
+              f"heads of kv_channels/{m} dims); it is not equivalent to TP or the exact grid "
+              "and its checkpoints do not load into them", flush=True)
     if getattr(args, "transformer_impl", None) == "transformer_engine" and not _have_te():
         args.transformer_impl = "local"  # FP16/BF16 linears from megatron-core instead
     return args
@@ -227,8 +234,6 @@ def check_checkpoint_args(args) -> None:
     """Compare this run with the args saved in the `--load` checkpoint (its common state)
     before anything is loaded: model shape flags, and standard vs sliced
     attention, which are different models with the same tensor shapes."""
-    import os
-
     if not getattr(args, "load", None):
         return
     tracker = os.path.join(args.load, "latest_checkpointed_iteration.txt")
