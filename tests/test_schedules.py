@@ -36,5 +36,13 @@ def test_auto_picks_gather_for_long_prefill_and_exact_for_decode(pool4):
     assert schedule_bytes("gather", shape) == 30720 and schedule_bytes("exact", shape) == 196608
     decode = ScoreShape(1, 8, 2, 1, 65, 4, 4, 4)
     assert choose("auto", decode) == "exact"
-    for decisions in pool4.run(auto_choices, n=1, m=4, prefill=64):
+    results = pool4.run(auto_choices, n=1, m=4, prefill=64)
+    for decisions, _ in results:
         assert decisions == [("prefill", 64, 64, "gather"), ("decode", 1, 65, "exact")]
+    log = results[0][1]  # rank 0 logs each change of choice, once per model (layer 1)
+    assert log.splitlines() == [
+        "[mxn] auto attention, prefill (sq=64, sk=64): gather (per layer and rank: exact "
+        "sends 196608 B, gather 30720 B)",
+        "[mxn] auto attention, decode (sq=1, sk=65): exact (per layer and rank: exact sends "
+        "3120 B, gather 6624 B)"]
+    assert all(r[1] == "" for r in results[1:])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
 import torch
@@ -79,10 +81,11 @@ def auto_choices(n: int, m: int, prefill: int, **model_kwargs):
     h, g, d = spec.heads, spec.kv_heads, spec.head_dim
     hq, gk, dl = h // n, max(g // n, 1), d // m
     b = 1
-    with torch.no_grad():
+    log = io.StringIO()
+    with torch.no_grad(), contextlib.redirect_stdout(log):
         for sq, sk in ((prefill, prefill), (1, prefill + 1), (1, prefill + 2)):
             mask = torch.triu(torch.ones(sq, sk, dtype=torch.bool), diagonal=1 + sk - sq)
             core(torch.randn(sq, b, hq, dl), torch.randn(sk, b, gk, dl),
                  torch.randn(sk, b, gk, dl), attention_mask=mask.view(1, 1, sq, sk))
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
-    return core.decisions
+    return core.decisions, log.getvalue()
