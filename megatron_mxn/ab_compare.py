@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from megatron_mxn.configs import load_config
+from megatron_mxn.launch import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ class Launcher:
 
     def __init__(self, kind: str, nnodes: int, nproc: int):
         self.kind, self.nnodes, self.nproc = kind, nnodes, nproc
-        self.port = int(os.environ.get("MASTER_PORT", "0")) or _free_port()
+        self.port = int(os.environ.get("MASTER_PORT", "0")) or free_port()
 
     def command(self, target: List[str]) -> List[str]:
         self.port += 1  # a fresh rendezvous port per job
@@ -87,12 +87,6 @@ class Launcher:
         return ["srun", f"--nodes={self.nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
                 *torchrun, f"--nnodes={self.nnodes}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={addr}:{self.port}", *target]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def run_job(cmd: List[str], log: Path, what: str, timeout: int) -> bool:

@@ -132,7 +132,7 @@ class CommCounter:
     def mark_inside(self, modules) -> List:
         """Tag records issued while one of `modules` runs its forward (e.g. the transformer
         layers) as inside, the others as outside, and attribute their bytes to the module's
-        `layer_number` (else its index); returns the hook handles."""
+        `layer_number` (else its index); returns the hook handles (removed on exit)."""
         self.inside = False
         handles = []
         for index, module in enumerate(modules):
@@ -146,39 +146,63 @@ class CommCounter:
 
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(leave))
+        self._undo += [handle.remove for handle in handles]  # the hooks go with the counter
         return handles
 
     def sent_bytes_by_layer(self) -> Dict[int, Dict[str, float]]:
         """{layer number: {group: bytes sent}} for the marked modules."""
-        out: Dict[int, Dict[str, float]] = defaultdict(dict)
-        for (layer, group), sent in sorted(self.layer_bytes.items()):
-            out[layer][group] = sent
-        return dict(out)
+        return bytes_by_layer(self.layer_bytes)
 
     def sent_bytes_by_group(self, inside: Optional[bool] = None) -> Dict[str, float]:
         """Bytes this rank sent, per group label (only inside/outside records if asked)."""
-        out: Dict[str, float] = defaultdict(float)
-        for r, calls in self.counts.items():
-            if inside is None or r.inside == inside:
-                out[r.group] += r.sent_bytes * calls
-        return dict(out)
+        return sent_bytes_by_group(self.counts, inside)
 
     def total_sent_bytes(self) -> float:
         return sum(r.sent_bytes * calls for r, calls in self.counts.items())
 
     def reset(self) -> Counter:
-        """Return the counts so far and start again (e.g. once per step)."""
+        """Return the counts so far and start again (e.g. once per step); the per-layer bytes
+        start again too."""
         counts, self.counts, self.layer_bytes = self.counts, Counter(), Counter()
         return counts
 
-    def table(self, counts: Optional[Counter] = None, per: float = 1.0) -> str:
-        """Markdown: one row per (op, group, payload, inside), calls and bytes sent / `per`."""
-        rows = sorted((counts if counts is not None else self.counts).items(),
-                      key=lambda kv: (not kv[0].inside, kv[0].group, kv[0].op,
-                                      kv[0].payload_bytes))
-        lines = ["| where | group | op | payload B | calls | sent B / rank |", "|---|---|---|---|---|---|"]
-        for r, calls in rows:
-            lines.append(f"| {'layers' if r.inside else 'outside'} | {r.group} ({r.group_size}) "
-                         f"| {r.op} | {r.payload_bytes} | {calls / per:g} | "
-                         f"{r.sent_bytes * calls / per:.0f} |")
-        return "\n".join(lines)
+
+# Helpers on counts ({CommRecord: calls}) and per-layer bytes ({(layer, group): bytes}), for
+# counts kept beyond one CommCounter (per step, summed over steps, sent between ranks).
+
+def sent_bytes_by_group(counts: Dict[CommRecord, float],
+                        inside: Optional[bool] = None) -> Dict[str, float]:
+    """Bytes sent per group label (only inside/outside records if asked)."""
+    out: Dict[str, float] = defaultdict(float)
+    for r, calls in counts.items():
+        if inside is None or r.inside == inside:
+            out[r.group] += r.sent_bytes * calls
+    return dict(out)
+
+
+def bytes_by_layer(layer_bytes: Dict) -> Dict[int, Dict[str, float]]:
+    """{(layer, group): bytes} -> {layer: {group: bytes}}, layers and groups in order."""
+    out: Dict[int, Dict[str, float]] = defaultdict(dict)
+    for (layer, group), sent in sorted(layer_bytes.items()):
+        out[layer][group] = sent
+    return dict(out)
+
+
+def count_rows(counts: Dict[CommRecord, float]) -> List[list]:
+    """Counts as sorted JSON-friendly rows [op, group, group size, payload, inside, calls]
+    (how reports store them and how predictions are compared with them)."""
+    return sorted([r.op, r.group, r.group_size, r.payload_bytes, r.inside, calls]
+                  for r, calls in counts.items())
+
+
+def counts_table(counts: Dict[CommRecord, float], per: float = 1.0) -> str:
+    """Markdown: one row per (op, group, payload, inside), calls and bytes sent / `per`."""
+    rows = sorted(counts.items(), key=lambda kv: (not kv[0].inside, kv[0].group, kv[0].op,
+                                                  kv[0].payload_bytes))
+    lines = ["| where | group | op | payload B | calls | sent B / rank |",
+             "|---|---|---|---|---|---|"]
+    for r, calls in rows:
+        lines.append(f"| {'layers' if r.inside else 'outside'} | {r.group} ({r.group_size}) "
+                     f"| {r.op} | {r.payload_bytes} | {calls / per:g} | "
+                     f"{r.sent_bytes * calls / per:.0f} |")
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
 from megatron_mxn.accounting import CommRecord
-from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.layout import GridLayout, MxnConfigError
 from megatron_mxn.schedules import ScoreShape, choose, collectives
 
 
@@ -105,7 +105,7 @@ class Layout:
 def check_layout(model: ModelShape, layout: Layout) -> None:
     """The rules of design.md (and megatron-core's), as errors naming the rule."""
     n, m, tp = layout.head_groups, layout.dim_slices, layout.tp
-    if tp * layout.dim_slices and tp % m:
+    if tp % m:
         raise MxnConfigError(f"TP ({tp}) must be divisible by the dim slices ({m})")
     if model.layers % layout.pp:
         raise MxnConfigError(f"num_layers ({model.layers}) must be divisible by PP "
@@ -117,16 +117,10 @@ def check_layout(model: ModelShape, layout: Layout) -> None:
         if model.kv_heads % tp and tp % model.kv_heads:
             raise MxnConfigError(f"num_query_groups ({model.kv_heads}) and TP ({tp}) must "
                                  "divide one another")
-    else:
-        if model.heads % n:
-            raise MxnConfigError(f"num_attention_heads ({model.heads}) must be divisible by "
-                                 f"the head groups ({n})")
-        if model.kv_heads % n and n % model.kv_heads:
-            raise MxnConfigError(f"num_query_groups ({model.kv_heads}) and the head groups "
-                                 f"({n}) must divide one another")
-        if model.head_dim % (2 * m):
-            raise MxnConfigError(f"head dim ({model.head_dim}) must be divisible by 2*m "
-                                 f"({2 * m}) (RoPE pairs stay in one slice)")
+    else:  # the grid attention's own rules (RoPE over the whole head unless positions are
+        # learned: ModelShape does not say more)
+        GridLayout(n, m, model.heads, model.kv_heads, model.head_dim,
+                   rotary_dim=0 if model.learned_positions else model.head_dim)
     if model.ffn % tp:
         raise MxnConfigError(f"ffn_hidden_size ({model.ffn}) must be divisible by TP ({tp})")
     if model.experts:
@@ -138,9 +132,18 @@ def check_layout(model: ModelShape, layout: Layout) -> None:
                                  f"the ranks of a stage (TP x DP = {tp * layout.dp})")
 
 
-def _kv_heads_per_rank(model: ModelShape, layout: Layout) -> int:
-    group = layout.head_groups if layout.dim_slices > 1 else layout.tp
-    return max(model.kv_heads // group, 1)
+def _attention_split(layout: Layout) -> int:
+    """Over how many ranks the heads are split: n head groups on the grid, TP otherwise."""
+    return layout.head_groups if layout.dim_slices > 1 else layout.tp
+
+
+def heads_per_rank(model: ModelShape, layout: Layout) -> int:
+    return model.heads // _attention_split(layout)
+
+
+def kv_heads_per_rank(model: ModelShape, layout: Layout) -> int:
+    """Whole KV heads are replicated once the split exceeds them (never fewer than one)."""
+    return max(model.kv_heads // _attention_split(layout), 1)
 
 
 def _record(op: str, group: str, size: int, payload: int, inside: bool = True) -> CommRecord:
@@ -163,8 +166,8 @@ def layer_collectives(model: ModelShape, layout: Layout, mb: int, sq: int, sk: i
             per = 2 if model.qk_norm == "LayerNorm" else 1
             out[_record("all_reduce", "dim-slice", m, sq * mb * (h // n) * 4)] += per
             out[_record("all_reduce", "dim-slice", m,
-                        sq * mb * _kv_heads_per_rank(model, layout) * 4)] += per
-        shape = ScoreShape(mb, h // n, _kv_heads_per_rank(model, layout), sq, sk, d // m, m, e)
+                        sq * mb * kv_heads_per_rank(model, layout) * 4)] += per
+        shape = ScoreShape(mb, h // n, kv_heads_per_rank(model, layout), sq, sk, d // m, m, e)
         for op, payload in collectives(choose(layout.schedule, shape), shape):
             out[_record(op, "dim-slice", m, payload)] += 1
     if tp > 1:
@@ -240,7 +243,7 @@ def kv_cache_bytes(model: ModelShape, layout: Layout, batch: int, context: int) 
     """K and V cache of one rank: its KV heads (whole ones under TP; replicated once TP > g)
     and, on the grid, its d/m dims of each, for `context` positions of `batch` sequences."""
     dims = model.head_dim // layout.dim_slices
-    return (2 * batch * context * _kv_heads_per_rank(model, layout) * dims * model.elem_bytes
+    return (2 * batch * context * kv_heads_per_rank(model, layout) * dims * model.elem_bytes
             * (model.layers // layout.pp))
 
 

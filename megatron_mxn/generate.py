@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
+from collections import Counter
 from typing import List
 
 GENERATE = argparse.ArgumentParser(add_help=False)
@@ -149,10 +149,19 @@ def run(gen, args, cpu: bool):
     from megatron.training.initialize import initialize_megatron
     from megatron.training.models.gpt import GPTModelBuilder
 
-    from megatron_mxn.accounting import CommCounter
+    from megatron_mxn.accounting import (
+        CommCounter,
+        bytes_by_layer,
+        count_rows,
+        sent_bytes_by_group,
+    )
     from megatron_mxn.inference import generate, peak_memory_bytes, summarize
-    from megatron_mxn.megatron_lm import initialize_grid_after_megatron, mxn_gpt_config_from_args
-    from megatron_mxn.parallel_state import get_grid, mxn_parallel_is_initialized
+    from megatron_mxn.megatron_lm import (
+        group_labels,
+        initialize_grid_after_megatron,
+        mxn_gpt_config_from_args,
+    )
+    from megatron_mxn.parallel_state import mxn_parallel_is_initialized
 
     initialize_megatron(allow_no_cuda=cpu)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
@@ -177,56 +186,52 @@ def run(gen, args, cpu: bool):
     if gen.warmup_steps:
         generate(model, prompt, min(gen.warmup_steps, gen.max_new_tokens), pgs, micro)
 
-    grid = get_grid()
-    labels = {"TP": pgs.tp, "dim-slice": grid.dim_slice_group,
-              "head-group": grid.head_group_group, "PP": pgs.pp, "DP": pgs.dp,
-              **{name: getattr(pgs, attr, None) for name, attr in (
-                  ("EP", "ep"), ("TPxEP", "tp_ep"), ("expert-TP", "expt_tp"),
-                  ("expert-DP", "expt_dp"))}}
     layers = _unwrap(model).decoder.layers
     last_rank = dist.get_world_size() - 1
-    runs, step_counts = [], []
-    for repeat in range(gen.repeats):
-        with CommCounter(labels) as c:
-            c.mark_inside(layers)
 
-            def before_step(step, c=c, repeat=repeat):
-                if repeat == 0 and step > 0:
-                    step_counts.append(dict(c.counts))  # everything of step - 1 so far
-                c.recording = repeat == 0
-                if (dist.get_rank() == last_rank and step and gen.progress_interval
-                        and step % gen.progress_interval == 0):
-                    print(f"  repeat {repeat + 1}/{gen.repeats}: decode step "
-                          f"{step}/{gen.max_new_tokens - 1}", flush=True)
+    def progress(step, repeat):
+        if (dist.get_rank() == last_rank and step and gen.progress_interval
+                and step % gen.progress_interval == 0):
+            print(f"  repeat {repeat + 1}/{gen.repeats}: decode step "
+                  f"{step}/{gen.max_new_tokens - 1}", flush=True)
 
-            runs.append(generate(model, prompt, gen.max_new_tokens, pgs, micro,
-                                 before_step=before_step))
-            if repeat == 0:
-                step_counts.append(dict(c.counts))
-                layer_bytes = c.sent_bytes_by_layer()  # prefill + decode steps
-    # per-step counts (the counter accumulates: subtract the previous step's totals)
-    per_step = [{r: n - before.get(r, 0) for r, n in now.items() if n - before.get(r, 0)}
-                for before, now in zip([{}] + step_counts[:-1], step_counts)]
-    decode = {}
-    for counts in per_step[1:]:
-        for r, n in counts.items():
-            decode[r] = decode.get(r, 0) + n
+    # The first timed generation is counted step by step; the others are only timed.
+    runs, per_step, layer_bytes = [], [], Counter()
+    with CommCounter(group_labels()) as counter:
+        counter.mark_inside(layers)
+
+        def end_of_step():
+            layer_bytes.update(counter.layer_bytes)
+            per_step.append(counter.reset())
+
+        def before_step(step):
+            if step > 0:
+                end_of_step()
+            progress(step, 0)
+
+        runs.append(generate(model, prompt, gen.max_new_tokens, pgs, micro,
+                             before_step=before_step))
+        end_of_step()
+    for repeat in range(1, gen.repeats):
+        runs.append(generate(model, prompt, gen.max_new_tokens, pgs, micro,
+                             before_step=lambda step, repeat=repeat: progress(step, repeat)))
+    decode = sum(per_step[1:], Counter())
     if args.mxn_log_comm:
-        _print_comm(per_step, decode, len(layers), gen.max_new_tokens - 1, layer_bytes)
+        _print_comm(per_step, decode, len(layers), gen.max_new_tokens - 1,
+                    bytes_by_layer(layer_bytes))
     decode_steps = max(gen.max_new_tokens - 1, 1)
     mine = {
         "rank": dist.get_rank(),
         "stage": parallel_state.get_pipeline_model_parallel_rank(),
         "last_stage": parallel_state.is_pipeline_last_stage(),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "comm_steps": [sorted([r.op, r.group, r.group_size, r.payload_bytes, r.inside, n]
-                              for r, n in counts.items()) for counts in per_step],
+        "comm_steps": [count_rows(counts) for counts in per_step],
         "kv_cache_bytes": runs[0].kv_cache_bytes,
         "peak_memory_bytes": peak_memory_bytes(),
         "comm_per_layer": {k: v / (decode_steps * len(layers))
-                           for k, v in _sent_by_group(decode, inside=True).items()},
+                           for k, v in sent_bytes_by_group(decode, inside=True).items()},
         "comm_per_step_outside_layers": {
-            k: v / decode_steps for k, v in _sent_by_group(decode, inside=False).items()},
+            k: v / decode_steps for k, v in sent_bytes_by_group(decode, inside=False).items()},
         "ttft_s": [r.ttft_s for r in runs],
         "tpot_s": [t for r in runs for t in r.tpot_s],
         "total_s": [r.step_end_s[-1] for r in runs],
@@ -277,22 +282,13 @@ def run(gen, args, cpu: bool):
     }
 
 
-def _sent_by_group(counts: dict, inside: bool) -> dict:
-    out: dict = {}
-    for r, n in counts.items():
-        if r.inside == inside:
-            out[r.group] = out.get(r.group, 0.0) + r.sent_bytes * n
-    return out
-
-
 def _print_comm(per_step, decode, layers: int, decode_steps: int, layer_bytes) -> None:
     """--mxn-log-comm: every collective of the prefill and of the decode steps (per step),
     and the bytes each layer sent by group over the whole generation."""
     import torch.distributed as dist
 
-    from megatron_mxn.accounting import CommCounter
+    from megatron_mxn.accounting import counts_table as table
 
-    table = CommCounter().table
     for rank in range(dist.get_world_size()):
         if rank == dist.get_rank():
             print(f"[mxn] collectives of rank {rank} ({layers} layers on this rank), prefill:\n"

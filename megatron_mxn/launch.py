@@ -14,7 +14,8 @@ import traceback
 from typing import Any, Callable, List
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +42,7 @@ def run_on_cpu_ranks(world: int, fn: Callable, *args) -> List[Any]:
     """Run fn(*args) on `world` gloo ranks (spawned processes); return per-rank results."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, results))
              for r in range(world)]
     for p in procs:

@@ -160,10 +160,11 @@ def log_training_comm(interval: int) -> None:
     original = training.train_step
     if getattr(original, "mxn_log_comm", False):
         return
-    state = {"counts": None, "iterations": 0}
+    state = {"counts": None, "iterations": 0, "labels": None}
 
     def train_step(*args, **kwargs):
-        with CommCounter(_group_labels()) as counter:
+        state["labels"] = state["labels"] or group_labels()  # groups exist by now
+        with CommCounter(state["labels"]) as counter:
             result = original(*args, **kwargs)
         if state["counts"] is None:
             state["counts"] = counter.counts
@@ -188,28 +189,30 @@ def log_training_comm(interval: int) -> None:
     training.train_step = train_step
 
 
-def _group_labels() -> dict:
-    """Names of megatron's and the grid's process groups, for CommCounter."""
-    from megatron.core import parallel_state as ps
+# (label, ProcessGroupCollection field) of the groups CommCounter names, first match wins
+GROUP_LABELS = (("TP", "tp"), ("dim-slice", None), ("head-group", None), ("PP", "pp"),
+                ("DP", "dp"), ("DP+CP", "dp_cp"), ("MP", "mp"), ("EP", "ep"),
+                ("TPxEP", "tp_ep"), ("expert-TP", "expt_tp"), ("expert-DP", "expt_dp"),
+                ("embedding", "embd"))
+
+
+def group_labels() -> dict:
+    """Names of megatron's and the grid's process groups (after initialization), for
+    CommCounter: the same names in the training log, generation reports and the cost model."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_mxn.parallel_state import get_grid, mxn_parallel_is_initialized
 
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    grid = get_grid() if mxn_parallel_is_initialized() else None
+    found = {"dim-slice": grid.dim_slice_group if grid else None,
+             "head-group": grid.head_group_group if grid else None}
     labels = {}
-    if mxn_parallel_is_initialized():
-        grid = get_grid()
-        labels.update({"dim-slice": grid.dim_slice_group, "head-group": grid.head_group_group})
-    for name, getter in (("TP", ps.get_tensor_model_parallel_group),
-                         ("PP", ps.get_pipeline_model_parallel_group),
-                         ("DP", ps.get_data_parallel_group),
-                         ("DP+CP", lambda: ps.get_data_parallel_group(with_context_parallel=True)),
-                         ("MP", ps.get_model_parallel_group),
-                         ("EP", ps.get_expert_model_parallel_group),
-                         ("embedding", ps.get_embedding_group)):
-        try:
-            labels.setdefault(name, getter())
-        except (AssertionError, RuntimeError, AttributeError):
-            pass
-    return {k: v for k, v in labels.items() if v is not None}
+    for name, field in GROUP_LABELS:
+        group = found[name] if field is None else getattr(pgs, field, None)
+        if group is not None:
+            labels[name] = group
+    return labels
 
 
 def _number(value):

@@ -27,7 +27,9 @@ from megatron_mxn.cost_model import (
     Layout,
     ModelShape,
     check_layout,
+    heads_per_rank,
     kv_cache_bytes,
+    kv_heads_per_rank,
     layer_collectives,
     layer_weight_bytes,
     step_collectives,
@@ -128,11 +130,10 @@ def _expert_layout(model: ModelShape, stage_ranks: int) -> dict:
 
 def link_of(group: str, layout: Layout, cluster: Cluster) -> str:
     """'intra' or 'inter': ranks are numbered TP-fastest, then DP, then PP (Megatron's order)."""
+    stage = layout.tp * layout.dp
     span = {"TP": layout.tp, "dim-slice": layout.dim_slices, "head-group": layout.tp,
-            "EP": layout.tp * layout.dp, "DP": layout.tp * layout.dp,
-            "PP": 2 * layout.tp * layout.dp}[group]
-    if group == "PP":  # neighbouring stages: on one node when both fit in it
-        return "intra" if layout.tp * layout.dp * 2 <= cluster.gpus_per_node else "inter"
+            "EP": stage, "DP": stage,
+            "PP": 2 * stage}[group]  # PP: neighbouring stages, on one node when both fit
     return "intra" if span <= cluster.gpus_per_node else "inter"
 
 
@@ -161,9 +162,8 @@ def _moe_collectives(model: ModelShape, layout: Layout, tokens: int) -> Dict[Com
 def layer_time(model: ModelShape, layout: Layout, cluster: Cluster, mb: int, sq: int,
                sk: int) -> dict:
     """Roofline compute/memory time plus collectives of one layer for one micro-batch."""
-    tp, n, m, e = layout.tp, layout.head_groups, layout.dim_slices, model.elem_bytes
-    heads = model.heads // (n if m > 1 else tp)
-    kvh = max(model.kv_heads // (n if m > 1 else tp), 1)
+    m, e = layout.dim_slices, model.elem_bytes
+    heads, kvh = heads_per_rank(model, layout), kv_heads_per_rank(model, layout)
     d_local = model.head_dim // m
     schedule = "exact"
     if m > 1:
@@ -188,7 +188,7 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
     stages = range(layout.pp)
     weights = max(weight_bytes(model, layout, s) for s in stages)
     layers = model.layers // layout.pp
-    micro = layout.pp
+    micro = layout.micro_batches or layout.pp
     row = {"layout": layout.name, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
            "m": layout.dim_slices, "schedule": layout.schedule if layout.dim_slices > 1 else "-",
            "weights_B": weights}
@@ -197,7 +197,7 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
         mb = max(per_replica // micro, 1)
         context = work.prompt + work.new_tokens
         row["kv_B"] = kv_cache_bytes(model, layout, per_replica, context)
-        heads = model.heads // (layout.head_groups if layout.dim_slices > 1 else layout.tp)
+        heads = heads_per_rank(model, layout)
         chunk = min(work.prefill_chunk or work.prompt, work.prompt)
         chunks = -(-work.prompt // chunk)
         # fp32 scores and probabilities of one prefill chunk, plus a few hidden-size buffers
@@ -233,7 +233,7 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
         t = layer_time(model, layout, cluster, work.micro_batch, work.seq, work.seq)
         params = weights / model.elem_bytes
         row["kv_B"] = 0
-        heads = model.heads // (layout.head_groups if layout.dim_slices > 1 else layout.tp)
+        heads = heads_per_rank(model, layout)
         # Korthikanti et al. 2022 (sbh(34 + 5as/h) per layer), with TP-split linears and the
         # grid's fp32 scores of h/n heads
         row["act_B"] = layers * work.micro_batch * work.seq * (
@@ -259,9 +259,9 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
 def _outside(model: ModelShape, layout: Layout, batch: int, sq: int) -> Dict[CommRecord, float]:
     """Embedding, logits and pipeline traffic of a step (the busiest stage's view)."""
     counts = {}
+    step = 0 if sq > 1 else 1  # a prefill of sq tokens, or a decode step
     for stage in {0, layout.pp - 1}:
-        for r, c in step_collectives(model, replace(layout, micro_batches=layout.pp), batch,
-                                     sq if sq > 1 else 1, 0 if sq > 1 else 1, 2, stage).items():
+        for r, c in step_collectives(model, layout, batch, sq, step, 2, stage).items():
             if not r.inside:
                 counts[r] = max(counts.get(r, 0), c)
     return counts

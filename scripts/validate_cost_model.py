@@ -12,11 +12,13 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_mxn.ab_compare import Launcher, make_checkpoint, run_job  # noqa: E402
+from megatron_mxn.accounting import count_rows  # noqa: E402
 from megatron_mxn.configs import load_config  # noqa: E402
 from megatron_mxn.cost_model import (  # noqa: E402
     ModelShape,
@@ -28,9 +30,8 @@ from megatron_mxn.plan import PRESETS, Workload, config_layouts, predict  # noqa
 
 
 def predicted_rows(model, layout, batch, prompt, new, stage):
-    return [sorted([r.op, r.group, r.group_size, r.payload_bytes, r.inside, n]
-                   for r, n in step_collectives(model, layout, batch, prompt, k, new,
-                                                stage).items())
+    """Every step's predicted collectives, as the generation report stores the measured."""
+    return [count_rows(step_collectives(model, layout, batch, prompt, k, new, stage))
             for k in range(new)]
 
 
@@ -78,7 +79,7 @@ def main() -> int:
                     continue
                 report = json.loads(report_path.read_text())
                 micro = report["workload"]["micro_batches"]
-                layout = layout.__class__(**{**layout.__dict__, "micro_batches": micro})
+                layout = replace(layout, micro_batches=micro)
                 ok_comm = ok_w = ok_kv = True
                 for stage, got in report["per_stage"].items():
                     stage = int(stage)

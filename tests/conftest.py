@@ -64,6 +64,7 @@ def pytest_sessionfinish(session, exitstatus):
 def cpu_dense_ab(tmp_path_factory):
     """The CPU-sized dense A/B, run once through scripts/ab_compare.py (which pretrains the
     checkpoint first): its results folder. Later tests reuse the checkpoint it made."""
+    import os
     import subprocess
     import sys
 
@@ -73,9 +74,9 @@ def cpu_dense_ab(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "ab_compare.py"), "--config",
          str(REPO / "configs" / "cpu_dense.yaml"), "--results-dir", str(results), "--run", "ab",
-         "--repeats", "2", "--max-new-tokens", "4"],
+         "--repeats", "2", "--max-new-tokens", "4", "--mxn-log-comm"],
         capture_output=True, text=True, timeout=900,
-        env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     return results, proc
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
+
+from megatron_mxn.launch import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,12 +29,6 @@ TINY_GPT = [
     "--distributed-backend", "gloo", "--use-cpu-initialization", "--seed", "1234",
     "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

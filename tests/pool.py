@@ -15,15 +15,10 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import time
 import traceback
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_mxn.launch import free_port
 
 
 def _worker(rank: int, world: int, port: int, tasks, results) -> None:
@@ -75,7 +70,7 @@ class WorkerPool:
         self.world_size = world_size
         self.closed = False
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         self.procs = [

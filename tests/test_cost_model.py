@@ -1,6 +1,8 @@
 """The cost model predicts every collective (op, group, payload, calls) of prefill and decode
 steps exactly, and each rank's weight and KV-cache bytes, on several layouts."""
 
+import dataclasses
+
 import pytest
 
 from megatron_mxn.cost_model import Layout, ModelShape, check_layout
@@ -32,11 +34,15 @@ def test_layout_rules_are_named():
     model = ModelShape(layers=4, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
                        vocab=128256)
     with pytest.raises(MxnConfigError, match=r"num_attention_heads \(32\) must be divisible "
-                                             r"by the head groups \(3\)"):
+                                             r"by the head groups n \(3\)"):
         check_layout(model, Layout(tp=6, dim_slices=2))
-    with pytest.raises(MxnConfigError, match=r"head dim \(128\) must be divisible by 2\*m "
+    with pytest.raises(MxnConfigError, match=r"rotary dims \(128\) must be divisible by 2\*m "
                                              r"\(256\)"):
         check_layout(model, Layout(tp=128, dim_slices=128))
+    learned = dataclasses.replace(model, learned_positions=1024)  # no RoPE pairs to keep
+    with pytest.raises(MxnConfigError, match=r"the K/V rows of a dim slice \(2\*d/m = 2\) must "
+                                             r"split evenly over the n/g = 4 head groups"):
+        check_layout(learned, Layout(tp=32 * 128, dim_slices=128))
     with pytest.raises(MxnConfigError, match=r"num_layers \(4\) must be divisible by PP \(3\)"):
         check_layout(model, Layout(tp=8, pp=3))
     check_layout(model, Layout(tp=16, dim_slices=4))  # the seed's grid 4x4

@@ -1,9 +1,15 @@
 """The generation entry point and the A/B driver, run for real (torchrun, gloo, CPU)."""
 
 import csv
+import dataclasses
+import json
 
 import pytest
 
+from megatron_mxn.accounting import count_rows
+from megatron_mxn.configs import load_config
+from megatron_mxn.cost_model import ModelShape, kv_cache_bytes, step_collectives, weight_bytes
+from megatron_mxn.plan import config_layouts
 from tests.launch import REPO, run_ranks_apart
 
 CPU_DENSE = str(REPO / "configs" / "cpu_dense.yaml")
@@ -35,6 +41,32 @@ def test_ab_driver_writes_md_csv_png_with_identical_tokens(cpu_dense_ab):
     assert kv["grid 2x2"] == kv["TP=2 PP=2"] == kv["TP=4"] / 2  # TP=4 > 2 KV heads replicates
     png = (results / "ab.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_generation_reports_the_collectives_the_cost_model_predicts(cpu_dense_ab):
+    """Through the entry point, with Megatron's flags: every step's collectives on every
+    pipeline stage, the parameter and KV-cache bytes equal megatron_mxn.cost_model's."""
+    results, _ = cpu_dense_ab
+    cfg = load_config(CPU_DENSE)
+    model = ModelShape.from_flags(cfg["model"])
+    for name, layouts in config_layouts(cfg, 4).items():
+        layout = layouts[0]  # (the grid's first schedule: exact, which the A/B ran)
+        report = json.loads((results / "ab" / "cpu_dense" / f"{name}.json").read_text())
+        w = report["workload"]
+        layout = dataclasses.replace(layout, micro_batches=w["micro_batches"])
+        assert sorted(report["per_stage"]) == [str(s) for s in range(layout.pp)]
+        for stage, got in report["per_stage"].items():
+            want = [count_rows(step_collectives(model, layout, w["batch"], w["prompt_length"],
+                                                k, w["new_tokens"], int(stage)))
+                    for k in range(w["new_tokens"])]
+            assert got["comm_steps"] == want, (name, stage)
+            assert got["param_bytes"] == weight_bytes(model, layout, int(stage)), (name, stage)
+            assert got["kv_cache_bytes"] == kv_cache_bytes(
+                model, layout, w["batch"], w["prompt_length"] + w["new_tokens"]), (name, stage)
+        log = (results / "ab" / "cpu_dense" / f"{name}.log").read_text()  # --mxn-log-comm
+        assert "[mxn] collectives of rank 0" in log
+        assert "[mxn] bytes sent by rank 0 per layer (prefill + all decode steps): layer 1: TP" \
+            in log
 
 
 @pytest.mark.parametrize("flags,rule", [

@@ -34,7 +34,7 @@ def test_impossible_layout_is_refused_with_the_rule(tmp_path):
     bad.write_text((REPO / "configs" / "paper_dense.yaml").read_text().replace(
         "grid: {mxn-head-groups: 4, mxn-dim-slices: 4}",
         "grid: {mxn-head-groups: 2, mxn-dim-slices: 128}"))
-    with pytest.raises(MxnConfigError, match=r"head dim \(128\) must be divisible by 2\*m "
+    with pytest.raises(MxnConfigError, match=r"rotary dims \(128\) must be divisible by 2\*m "
                                              r"\(256\)"):
         plan.main(["--config", str(bad)])
     with pytest.raises(MxnConfigError, match="neither a preset"):

@@ -54,11 +54,14 @@ def _same(run, ref, tol):
     ("grid_1x4_alongside_tp", ["--tensor-model-parallel-size", "4", "--mxn-dim-slices", "4"]),
 ])
 def test_grid_trains_like_tp4(init_ckpt, tp4_run, tmp_path, name, layout):
-    run = _train(tmp_path, 4, layout, ckpt=init_ckpt)
+    run = _train(tmp_path, 4, layout, "--mxn-log-comm", ckpt=init_ckpt)
     _same(run, tp4_run, FP32_TOL)
     rank0 = run.rank_logs[0]
+    comm = [line for line in rank0.splitlines() if "[mxn] collectives per iteration" in line]
+    assert len(comm) == 6 and " TP " in comm[-1]  # --log-interval 1
     if "--mxn-dim-slices" in layout and layout[-1] != "1":
         assert "> mxn grid:" in rank0  # the layout line at start-up
+        assert "dim-slice" in comm[-1]  # the score all-reduce, forward and backward
     assert "iteration        6/       6" in run.rank_logs[3]  # Megatron's own log format
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 import megatron_mxn
-from megatron_mxn.accounting import CommCounter
+from megatron_mxn.accounting import CommCounter, count_rows, sent_bytes_by_group
 from megatron_mxn.cost_model import (
     Layout,
     ModelShape,
@@ -63,21 +61,16 @@ def measured_vs_predicted(n: int, m: int, pp: int, grid: bool, schedule: str = "
                  for k in range(NEW)]
     # Every layer of this stage sends, in a decode step, what layer_collectives predicts.
     mb = BATCH // micro_batches
-    want_layer = {}
-    for r, calls in layer_collectives(shape, layout, mb, 1, PROMPT + NEW - 1).items():
-        want_layer[r.group] = want_layer.get(r.group, 0.0) + r.sent_bytes * calls * micro_batches
+    want_layer = {group: sent * micro_batches for group, sent in sent_bytes_by_group(
+        layer_collectives(shape, layout, mb, 1, PROMPT + NEW - 1)).items()}
     last_decode = layer_bytes[-1]
     layer_ok = (len(last_decode) == spec.num_layers // pp
                 and all(by == want_layer for by in last_decode.values()))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {"rank": dist.get_rank(), "per_layer": (layer_ok, last_decode, want_layer),
-           "steps": [(_rows(a), _rows(b)) for a, b in zip(measured, predicted)],
+           "steps": [(count_rows(a), count_rows(b)) for a, b in zip(measured, predicted)],
            "weights": (params, weight_bytes(shape, layout, stage)),
            "kv": (result.kv_cache_bytes, kv_cache_bytes(shape, layout, BATCH, PROMPT + NEW))}
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
     return out
 
-
-def _rows(counts: Counter):
-    return sorted((r.op, r.group, r.group_size, r.payload_bytes, r.inside, c)
-                  for r, c in counts.items())
