@@ -67,7 +67,8 @@ def _nbytes(t) -> int:
 class CommCounter:
     """Context manager counting every collective issued while it is active and recording.
 
-    labels: {name: process group} used to name groups in the records (others are
+    labels: {name: process group, or a tuple of groups sharing the name} used to name groups
+    in the records (others are
     "group of G"). `recording` is the caller's switch (e.g. decode steps only);
     `mark_inside(modules)` tags the records issued inside those modules' forward.
     `counts` maps each distinct CommRecord to its number of calls, and `layer_bytes` the bytes
@@ -75,7 +76,7 @@ class CommCounter:
     per collective, cheap enough to leave on.
     """
 
-    def __init__(self, labels: Optional[Dict[str, dist.ProcessGroup]] = None):
+    def __init__(self, labels: Optional[Dict[str, object]] = None):
         self.counts: Counter = Counter()
         self.layer_bytes: Counter = Counter()
         self.inside = True  # switched by mark_inside's hooks
@@ -86,7 +87,7 @@ class CommCounter:
 
     def _label(self, group) -> str:
         for name, g in self._labels.items():
-            if g is not None and g is group:
+            if group is not None and (g is group or (isinstance(g, tuple) and group in g)):
                 return name
         if group is None or group is dist.group.WORLD:
             return "world"

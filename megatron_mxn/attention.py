@@ -137,15 +137,14 @@ class MxnSelfAttention(SelfAttention):
         layout = self.mxn_layout
         mixed, _ = apply_module(self.linear_qkv)(hidden_states)
         if layout.kv_shared:
-            # This rank holds 1/n of every KV head's K/V rows of slice j: gather them over the
-            # head groups (backward: reduce-scatter, summing the K/V grads of the sharers).
+            # This rank holds 1/(n/g) of its KV head's K/V rows of slice j: gather them from
+            # the n/g head groups sharing that head (backward: reduce-scatter, summing the K/V
+            # grads of the sharers).
             nq = layout.heads_per_rank * layout.slice_dim
             q, kv_piece = mixed.split([nq, mixed.size(-1) - nq], dim=-1)
             kv = all_gather_last_dim_from_tensor_parallel_region(
-                kv_piece, group=self.mxn_grid.head_group_group)
-            width = 2 * layout.slice_dim
-            c = layout.kv_head_of(self.mxn_grid.head_group_index)
-            mixed = torch.cat([q, kv[..., c * width:(c + 1) * width]], dim=-1)
+                kv_piece, group=self.mxn_grid.kv_share_group(layout.kv_share))
+            mixed = torch.cat([q, kv], dim=-1)
         groups = self.num_query_groups_per_partition
         per_group = self.num_attention_heads_per_partition // groups
         dl = layout.slice_dim

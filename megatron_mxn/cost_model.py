@@ -160,8 +160,10 @@ def layer_collectives(model: ModelShape, layout: Layout, mb: int, sq: int, sk: i
         if tp > 1 and g < tp:  # megatron-core gathers the whole QKV output and picks its heads
             out[_record("all_gather", "TP", tp, sq * mb * (h + 2 * g) * d * e)] += 1
     else:
-        if n > g:  # KV rows shared by n/g head groups: all-gathered over the head groups
-            out[_record("all_gather", "head-group", n, sq * mb * 2 * g * d // m * e)] += 1
+        if n > g:  # a KV head's K/V slice, split over the n/g head groups sharing it
+            share = n // g
+            out[_record("all_gather", "head-group" if share == n else "KV-share", share,
+                        sq * mb * 2 * d // m * e)] += 1
         if model.qk_norm:
             per = 2 if model.qk_norm == "LayerNorm" else 1
             out[_record("all_reduce", "dim-slice", m, sq * mb * (h // n) * 4)] += per

@@ -68,8 +68,7 @@ def _rank(ckpt_dir: str, steps: int):
             model.load_state_dict(state, strict=False)
         labels = {"TP": pgs.tp}
         if grid:
-            labels.update({"dim-slice": megatron_mxn.get_grid().dim_slice_group,
-                           "head-group": megatron_mxn.get_grid().head_group_group})
+            labels.update(megatron_mxn.get_grid().labels())
         with CommCounter(labels) as counter:
             counter.mark_inside(model.decoder.layers)
             gen = greedy_generate(model, prompt, steps + 1, pgs.tp,

@@ -80,9 +80,15 @@ class GridLayout:
         """True when n > g: n/g head groups share one KV head, whose K/V rows they split."""
         return self.head_groups > self.num_kv_heads
 
+    @property
+    def kv_share(self) -> int:
+        """Head groups sharing one KV head (n/g when n > g, else 1): its K/V replication
+        factor in the KV cache."""
+        return max(self.head_groups // self.num_kv_heads, 1)
+
     def kv_head_of(self, i: int) -> int:
         """The KV head used by head group i when n > g."""
-        return i // (self.head_groups // self.num_kv_heads)
+        return i // self.kv_share
 
     # ------------------------------------------------------------------ index lists
     def dims(self, j: int) -> List[int]:
@@ -111,10 +117,10 @@ class GridLayout:
 
         Global rows are [g KV groups][h/g query heads, key, value][d dims]. When n <= g a rank
         holds whole KV groups restricted to its dims. When n > g it holds its own query heads
-        and 1/n of the K/V rows of slice j across all KV heads; the head-group all-gather
-        reassembles every KV head's K/V slice and each rank keeps its own KV head's part.
+        and piece k of the K/V rows of slice j of its KV head c (head group i = c*n/g + k):
+        the n/g head groups sharing that KV head all-gather the pieces (the KV-share group).
         """
-        n, h, g, d = self.head_groups, self.num_heads, self.num_kv_heads, self.head_dim
+        h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
         slots = h // g + 2
         dims = self.dims(j)
 
@@ -122,16 +128,16 @@ class GridLayout:
             return [(group * slots + slot) * d + x for x in dims]
 
         if not self.kv_shared:
-            per = g // n
+            per = g // self.head_groups
             return [row for c in range(i * per, (i + 1) * per) for s in range(slots)
                     for row in rows(c, s)]
-        share = n // g
+        share = self.kv_share
         c, k = self.kv_head_of(i), i % share
         hq = self.heads_per_rank
         q = [row for t in range(k * hq, (k + 1) * hq) for row in rows(c, t)]
-        kv = [row for c2 in range(g) for s in (slots - 2, slots - 1) for row in rows(c2, s)]
-        piece = len(kv) // n
-        return q + kv[i * piece:(i + 1) * piece]
+        kv = rows(c, slots - 2) + rows(c, slots - 1)
+        piece = len(kv) // share
+        return q + kv[k * piece:(k + 1) * piece]
 
     def proj_columns(self, i: int, j: int) -> List[int]:
         """Input columns of linear_proj (viewed as [D, h, d]) held by rank (i, j)."""

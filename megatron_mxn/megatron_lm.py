@@ -190,7 +190,8 @@ def log_training_comm(interval: int) -> None:
 
 
 # (label, ProcessGroupCollection field) of the groups CommCounter names, first match wins
-GROUP_LABELS = (("TP", "tp"), ("dim-slice", None), ("head-group", None), ("PP", "pp"),
+GROUP_LABELS = (("TP", "tp"), ("dim-slice", None), ("head-group", None), ("KV-share", None),
+                ("PP", "pp"),
                 ("DP", "dp"), ("DP+CP", "dp_cp"), ("MP", "mp"), ("EP", "ep"),
                 ("TPxEP", "tp_ep"), ("expert-TP", "expt_tp"), ("expert-DP", "expt_dp"),
                 ("embedding", "embd"))
@@ -205,11 +206,10 @@ def group_labels() -> dict:
 
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     grid = get_grid() if mxn_parallel_is_initialized() else None
-    found = {"dim-slice": grid.dim_slice_group if grid else None,
-             "head-group": grid.head_group_group if grid else None}
+    found = grid.labels() if grid else {}
     labels = {}
     for name, field in GROUP_LABELS:
-        group = found[name] if field is None else getattr(pgs, field, None)
+        group = found.get(name) if field is None else getattr(pgs, field, None)
         if group is not None:
             labels[name] = group
     return labels

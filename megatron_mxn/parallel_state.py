@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,25 @@ class GridGroups:
     dim_slice_group: dist.ProcessGroup  # ranks (i, 0..m-1)
     head_group_group: dist.ProcessGroup  # ranks (0..n-1, j)
     tp_global_ranks: tuple  # global ranks of this TP group in TP order
+    # {s: this rank's group of the s consecutive head groups (c*s .. c*s+s-1, j)} for every
+    # divisor 1 < s < n: when n > g, the n/g head groups sharing a KV head all-gather its K/V
+    # slice over the group of s = n/g (s = n is the head-group group itself).
+    kv_share_groups: Mapping[int, dist.ProcessGroup] = field(default_factory=dict)
+
+    def kv_share_group(self, share: int) -> dist.ProcessGroup:
+        """The group of the `share` head groups that hold pieces of one KV head with this rank."""
+        if share == self.head_groups:
+            return self.head_group_group
+        if share not in self.kv_share_groups:
+            raise MxnConfigError(f"no KV-share group of {share} head groups on a grid with "
+                                 f"{self.head_groups} head groups (share must divide n)")
+        return self.kv_share_groups[share]
+
+    def labels(self) -> dict:
+        """CommCounter labels of the grid's groups (the same names in logs, reports and the
+        cost model)."""
+        return {"dim-slice": self.dim_slice_group, "head-group": self.head_group_group,
+                "KV-share": tuple(self.kv_share_groups.values())}
 
 
 @dataclass(init=False, repr=False, eq=False)
@@ -130,8 +149,17 @@ def _build_subgroups(n: int, m: int, timeout_minutes: int) -> GridGroups:
     dim_slice_group, all_slices = dist.new_subgroups_by_enumeration(slices, timeout=timeout)
     head_group_group, all_heads = dist.new_subgroups_by_enumeration(heads, timeout=timeout)
     _SUBGROUPS.extend(list(all_slices) + list(all_heads))
+    kv_share = {}
+    for s in range(2, n):
+        if n % s == 0:  # ranks (c*s .. c*s+s-1, j) of every TP group
+            sharers = [list(t[c * s * m + j:(c + 1) * s * m:m]) for t in tp_groups
+                       for c in range(n // s) for j in range(m)]
+            kv_share[s], every_group = dist.new_subgroups_by_enumeration(sharers,
+                                                                         timeout=timeout)
+            _SUBGROUPS.extend(every_group)
     tp_rank = mine.index(dist.get_rank())
-    return GridGroups(n, m, tp_rank // m, tp_rank % m, dim_slice_group, head_group_group, mine)
+    return GridGroups(n, m, tp_rank // m, tp_rank % m, dim_slice_group, head_group_group, mine,
+                      kv_share)
 
 
 def destroy_mxn_parallel(destroy_model_parallel: bool = False) -> None:
@@ -173,6 +201,9 @@ def grid_groups_of(pg_collection: Optional[ProcessGroupCollection]) -> GridGroup
     head_group = getattr(pg_collection, "mxn_head_group", None) if pg_collection else None
     if dim_slice is None or head_group is None:
         return get_grid()
+    if _GRID is not None and (_GRID.dim_slice_group, _GRID.head_group_group) == (
+            dim_slice, head_group):
+        return _GRID  # (with its KV-share groups)
     tp = pg_collection.tp
     return GridGroups(
         head_groups=dist.get_world_size(head_group), dim_slices=dist.get_world_size(dim_slice),

@@ -131,7 +131,7 @@ def _expert_layout(model: ModelShape, stage_ranks: int) -> dict:
 def link_of(group: str, layout: Layout, cluster: Cluster) -> str:
     """'intra' or 'inter': ranks are numbered TP-fastest, then DP, then PP (Megatron's order)."""
     stage = layout.tp * layout.dp
-    span = {"TP": layout.tp, "dim-slice": layout.dim_slices, "head-group": layout.tp,
+    span = {"TP": layout.tp, "dim-slice": layout.dim_slices, "head-group": layout.tp, "KV-share": layout.tp,
             "EP": stage, "DP": stage,
             "PP": 2 * stage}[group]  # PP: neighbouring stages, on one node when both fit
     return "intra" if span <= cluster.gpus_per_node else "inter"

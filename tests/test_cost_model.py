@@ -19,9 +19,12 @@ pytestmark = pytest.mark.uses_pool
     (4, 1, 1, False, "exact", {}),  # megatron-core TP=4 with 2 KV heads
     (2, 1, 2, False, "exact", {}),  # TP=2 PP=2
     (1, 2, 2, True, "exact", {}),  # grid 1x2 x PP 2
-], ids=["grid2x2", "grid1x4-gather", "grid2x2-auto-mqa-qknorm", "tp4", "tp2pp2", "grid1x2pp2"])
-def test_measured_equals_predicted(pool4, n, m, pp, grid, schedule, extra):
-    for r in pool4.run(measured_vs_predicted, n=n, m=m, pp=pp, grid=grid, schedule=schedule,
+    (4, 2, 1, True, "exact", {}),  # n=4 > g=2: K/V gathered over KV-share groups of 2
+], ids=["grid2x2", "grid1x4-gather", "grid2x2-auto-mqa-qknorm", "tp4", "tp2pp2", "grid1x2pp2",
+        "grid4x2-kv-share"])
+def test_measured_equals_predicted(request, n, m, pp, grid, schedule, extra):
+    pool = request.getfixturevalue(f"pool{n * m * pp if n * m * pp > 4 else 4}")
+    for r in pool.run(measured_vs_predicted, n=n, m=m, pp=pp, grid=grid, schedule=schedule,
                        **extra):
         for step, (measured, predicted) in enumerate(r["steps"]):
             assert measured == predicted, (r["rank"], step, measured, predicted)

@@ -61,7 +61,13 @@ def test_kv_shared_rank_holds_its_query_heads_and_a_kv_piece():
     rows = lay.qkv_rows(3, 1)  # head group 3: KV head 1, its query heads 2,3 of that group
     d, slots = 16, 8 // 2 + 2
     assert sorted({x // d for x in rows[:q_rows]}) == [slots + 2, slots + 3]
-    assert len(rows) - q_rows == 2 * 2 * lay.slice_dim // 4
+    assert len(rows) - q_rows == 2 * lay.slice_dim // 2
+    # Its K/V piece is part of its own KV head only; the 2 head groups sharing KV head 1
+    # hold together exactly that head's key and value rows of slice 1.
+    kv_rows = [(1 * slots + s) * d + x for s in (slots - 2, slots - 1) for x in lay.dims(1)]
+    assert set(rows[q_rows:]) < set(kv_rows)
+    assert lay.qkv_rows(2, 1)[q_rows:] + rows[q_rows:] == kv_rows
+    assert lay.kv_share == 2
 
 
 @pytest.mark.parametrize("args,rule", [

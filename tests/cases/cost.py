@@ -39,8 +39,7 @@ def measured_vs_predicted(n: int, m: int, pp: int, grid: bool, schedule: str = "
     config = make_config(spec, tp=n * m, pp=pp, m=m if grid else 1, mxn_attention=schedule)
     model = build_model(spec, config, pgs, grid=grid, max_seq=64).eval()
     g = megatron_mxn.get_grid()
-    labels = {"TP": pgs.tp, "dim-slice": g.dim_slice_group, "head-group": g.head_group_group,
-              "PP": pgs.pp}
+    labels = {"TP": pgs.tp, **g.labels(), "PP": pgs.pp}
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
     steps, layer_bytes = [], []
 
