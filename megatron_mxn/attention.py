@@ -209,10 +209,42 @@ class MxnSelfAttention(SelfAttention):
 def grid_layout(config: TransformerConfig, head_groups: int, dim_slices: int,
                 rotary_percent: float = 1.0) -> GridLayout:
     """The layout of `config`'s attention on an n x m grid (raises MxnConfigError)."""
-    rotary_dim = int(config.kv_channels * rotary_percent) if rotary_percent else 0
     return GridLayout(head_groups, dim_slices, config.num_attention_heads,
-                      config.num_query_groups, config.kv_channels, rotary_dim,
-                      bool(config.rotary_interleaved))
+                      config.num_query_groups, config.kv_channels,
+                      _rotary_dim(config, rotary_percent), bool(config.rotary_interleaved))
+
+
+def _rotary_dim(config: TransformerConfig, rotary_percent: float) -> int:
+    """Head dims rotated by RoPE, as megatron's RotaryEmbedding computes them."""
+    return int(config.kv_channels * rotary_percent) if rotary_percent else 0
+
+
+ROTARY_POSITION_TYPES = ("rope", "yarn", "mrope")
+
+
+def _check_rotary_of_model(model, name, submodule):
+    """Global module-registration hook: when a language model (GPTModel and its kin, which
+    build their rotary embedding before the decoder) attaches its decoder, every grid
+    attention layer inside must have been built for the model's RoPE. The dims a slice holds
+    depend on it, so a mismatch would load checkpoints into the wrong rows: it is refused
+    here, before any weight is loaded or saved."""
+    if name != "decoder" or not hasattr(model, "rotary_percent") or submodule is None:
+        return None
+    rotary = getattr(model, "position_embedding_type", None) in ROTARY_POSITION_TYPES
+    for layer in submodule.modules():
+        if isinstance(layer, MxnSelfAttention):
+            want = _rotary_dim(layer.config, model.rotary_percent if rotary else 0.0)
+            if layer.mxn_layout.rotary_dim != want:
+                raise MxnConfigError(
+                    f"the grid attention was built for {layer.mxn_layout.rotary_dim} rotary "
+                    f"dims, but the model ({type(model).__name__}, position_embedding_type="
+                    f"{model.position_embedding_type!r}, rotary_percent="
+                    f"{model.rotary_percent}) rotates {want}: pass the model's rotary_percent "
+                    "(0 without RoPE) to get_mxn_layer_spec")
+    return None
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_check_rotary_of_model)
 
 
 def _check_supported(config: TransformerConfig, pg_collection, grid) -> None:

@@ -59,6 +59,9 @@ def test_cpu_rng_tracker_really_forks(pool4):
     ("bad_world_size", "world size (4) must be divisible by grid x PP x CP"),
     ("bad_context_parallel", "context parallelism (context_parallel_size=2) cannot be combined"),
     ("bad_unsupported_option", "attention_output_gate=True is not supported"),
+    ("bad_rotary_percent_of_spec", "the grid attention was built for 16 rotary dims, but the "
+                                   "model (GPTModel, position_embedding_type='rope', "
+                                   "rotary_percent=0.5) rotates 8"),
 ])
 def test_bad_input_fails_on_every_rank(pool4, case, rule):
     errors = pool4.run_expecting_error(getattr(runtime, case))

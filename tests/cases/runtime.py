@@ -6,11 +6,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 import megatron_mxn
 from megatron_mxn.inference import greedy_generate
 from tests.cases.common import (
+    SEQ,
+    VOCAB,
     ModelSpec,
     build_model,
     full_layout,
@@ -175,6 +179,17 @@ def bad_unsupported_option():
     pgs = _init(2, 2, grid=True)
     config = make_config(spec, tp=4, m=2, attention_output_gate=True)
     build_model(spec, config, pgs, grid=True)
+
+
+def bad_rotary_percent_of_spec():
+    """The spec built for RoPE over the whole head, the model rotating half of it: refused
+    while the model is built (before any checkpoint could be loaded into the wrong rows)."""
+    spec = ModelSpec(rotary_percent=0.5)
+    pgs = _init(2, 2, grid=True)
+    config = make_config(spec, tp=4, m=2)
+    layer = megatron_mxn.get_mxn_layer_spec(get_gpt_layer_local_spec(), rotary_percent=1.0)
+    GPTModel(config, layer, VOCAB, SEQ, position_embedding_type="rope", rotary_percent=0.5,
+             pg_collection=pgs)
 
 
 def attention_attributes():

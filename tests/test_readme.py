@@ -1,0 +1,101 @@
+"""The README's code blocks run: the Python example builds its model on 8 CPU ranks, and every
+shell example's flags are known to the parser of the command they are given to."""
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from tests.cases.readme import run_python_example
+from tests.launch import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def code_blocks(language: str):
+    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+
+
+def commands():
+    """Each shell command of the README's bash blocks, continuation lines joined, comments
+    dropped."""
+    for block in code_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                yield shlex.split(line)
+
+
+@pytest.mark.uses_pool
+def test_python_example_builds_the_grid_model(request):
+    (example,) = [b for b in code_blocks("python") if "initialize_mxn_parallel" in b]
+    pool = request.getfixturevalue("pool8")
+    for r in pool.run(run_python_example, code=example):
+        # 4 layers over PP 2; 12 heads / n = 2 head groups; d = 64 / m = 2 dims per slice
+        assert r["grid_layers"] == 2
+        assert (r["heads_per_rank"], r["slice_dim"]) == (6, 32)
+        # rank (i, j): q, k, v rows of 6 query heads + 2 KV heads, 32 dims each
+        assert r["qkv_shape"] == ((6 + 2 * 2) * 32, 768)
+        assert r["proj_shape"] == (768, 6 * 32)
+
+
+def _options(parser: argparse.ArgumentParser) -> set:
+    return {o for action in parser._actions for o in action.option_strings}
+
+
+def _known_flags():
+    from torch.distributed.run import get_args_parser
+
+    from megatron_mxn import ab_compare
+    from megatron_mxn.configs import megatron_option_strings
+    from megatron_mxn.generate import GENERATE
+    from megatron_mxn.megatron_lm import add_mxn_args
+
+    config = {"--config", "--layout"}
+    megatron = megatron_option_strings(add_mxn_args) | config
+    generate = megatron | _options(GENERATE)
+    ab = set(re.findall(r'add_argument\("(--[a-z-]+)"', Path(ab_compare.__file__).read_text()))
+    return {"torchrun": _options(get_args_parser()), "pretrain_gpt": megatron,
+            "generate": generate, "ab_compare": ab | generate}
+
+
+SCRIPTS = {"scripts/pretrain_gpt_mxn.py": "pretrain_gpt", "megatron_mxn.pretrain_gpt":
+           "pretrain_gpt", "scripts/generate_mxn.py": "generate",
+           "megatron_mxn.generate": "generate", "scripts/ab_compare.py": "ab_compare"}
+
+
+def test_shell_examples_use_known_flags():
+    known = _known_flags()
+    makefile = (REPO / "Makefile").read_text()
+    checked = 0
+    for argv in commands():
+        while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):  # VAR=value prefixes
+            var = argv.pop(0).split("=")[0]
+            scripts = [a for a in argv if a.endswith(".sbatch")]
+            for script in scripts:  # a variable the sbatch script really reads
+                assert var in (REPO / script).read_text(), (var, script)
+        if not argv:
+            continue
+        tool = Path(argv[0]).name
+        if tool == "make":
+            for target in argv[1:]:
+                assert re.search(rf"^{target}:", makefile, flags=re.M), target
+            continue
+        if tool in ("sbatch", "cd") or argv[:3] == [".venv/bin/python", "-m", "pytest"]:
+            for path in argv[1:]:
+                if path.endswith((".sbatch", ".py")):
+                    assert (REPO / path).exists(), path
+            continue
+        kind = "torchrun" if tool == "torchrun" else None
+        assert kind or tool == "python", argv
+        for k, arg in enumerate(argv[1:], 1):
+            target = arg if arg.endswith(".py") else (argv[k + 1] if arg == "-m" else None)
+            if target in SCRIPTS:
+                kind = SCRIPTS[target]
+                checked += 1
+            elif arg.startswith("--"):
+                flag = arg.split("=")[0]
+                assert flag in known[kind], f"{' '.join(argv)}: {flag} is not a {kind} flag"
+    assert checked >= 5  # the pretraining, generation and A/B examples were all checked
