@@ -23,6 +23,7 @@ CASES = {
     "1x4": (1, 4, 4, {}),
     "4x1": (4, 1, 4, {}),
     "2x4": (2, 4, 8, {}),
+    "4x2_n_eq_g": (4, 2, 8, {"kv_heads": 4}),  # what 4x1 / 2x1 (m = 1) cover, with m > 1
     "gqa_n_gt_g_4x2": (4, 2, 8, {"kv_heads": 2}),
     "mqa_2x2": (2, 2, 4, {"kv_heads": 1}),
     "mha_2x2": (2, 2, 4, {"kv_heads": 8}),
