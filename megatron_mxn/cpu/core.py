@@ -347,7 +347,8 @@ def _fork_checkpoint_results_queue():
 
 def _exit_with_parent(parent_pid: int) -> None:
     """Manager initializer: ask Linux to SIGKILL this process when its parent dies (a no-op
-    where prctl does not exist)."""
+    where prctl does not exist). Linux means the parent *thread* that started the Manager:
+    megatron saves from the main thread, which lives as long as the rank."""
     import ctypes
     import os
     import signal
