@@ -14,6 +14,7 @@ import importlib.util
 import os
 from typing import Optional
 
+from megatron_mxn.checkpoint_files import check_checkpoint_files
 from megatron_mxn.layout import MxnConfigError
 
 from megatron_mxn.schedules import EXACT_SCHEDULES, SCHEDULES as ATTENTION_SCHEDULES
@@ -247,6 +248,7 @@ def check_checkpoint_args(args) -> None:
         return
     tag = open(tracker).read().strip()
     step_dir = os.path.join(args.load, tag if tag == "release" else f"iter_{int(tag):07d}")
+    check_checkpoint_files(step_dir)  # all files there: one rank failing to read stalls the rest
     if not os.path.exists(os.path.join(step_dir, "metadata.json")):
         return  # not a dist_checkpointing (torch_dist) checkpoint; Megatron's loader checks it
     from megatron.core.dist_checkpointing import load_common_state_dict

@@ -1,18 +1,27 @@
 """Training through Megatron's own pretrain loop (scripts/pretrain_gpt_mxn.py under torchrun,
 gloo on CPU): the grid trains exactly like TP, composes with PP/DP/SP/distributed optimizer/
-recomputation/fp16/bf16, resumes across layouts, reads indexed datasets, rejects bad flags."""
+recomputation/fp16/bf16, resumes across layouts and after a killed rank, reads indexed datasets,
+rejects bad flags and damaged checkpoints."""
+
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from megatron_mxn.checkpoint_files import check_checkpoint_files
+from megatron_mxn.layout import MxnConfigError
 from tests.launch import TINY_GPT, rel_diff, run_ranks_apart, torchrun
 
 SCRIPT = "scripts/pretrain_gpt_mxn.py"
+KILLED_SCRIPT = "tests/killed_pretrain.py"  # the same, with one rank SIGKILLing itself
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
+GRID_2X2 = ["--mxn-head-groups", "2", "--mxn-dim-slices", "2"]
 
 
-def _train(workdir, nproc, layout, *extra, iters=6, ckpt=None, finetune=True):
+def _train(workdir, nproc, layout, *extra, iters=6, ckpt=None, finetune=True, script=SCRIPT):
     args = [*TINY_GPT, *layout, "--train-iters", str(iters), *extra]
     if "--data-path" not in extra:
         args.append("--mock-data")
@@ -20,8 +29,10 @@ def _train(workdir, nproc, layout, *extra, iters=6, ckpt=None, finetune=True):
         args += ["--load", str(ckpt)]
         if finetune:
             args += ["--finetune", "--no-load-optim", "--no-load-rng"]
-    run = torchrun(SCRIPT, nproc, args, workdir)
-    assert run.returncode == 0, run.output[-3000:] + "".join(run.rank_logs.values())[-6000:]
+    run = torchrun(script, nproc, args, workdir)
+    if script == SCRIPT:
+        assert run.returncode == 0, (run.output[-3000:] +
+                                     "".join(run.rank_logs.values())[-6000:])
     return run
 
 
@@ -36,9 +47,21 @@ def init_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tp4_run(init_ckpt, tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("tp4"), 4, ["--tensor-model-parallel-size", "4"],
-                  ckpt=init_ckpt)
+def tp4_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tp4")
+
+
+@pytest.fixture(scope="module")
+def tp4_run(init_ckpt, tp4_dir):
+    """The uninterrupted reference run; it saves its iteration 6 (see tp4_ckpt)."""
+    return _train(tp4_dir, 4, ["--tensor-model-parallel-size", "4"], "--save",
+                  str(tp4_dir / "ckpt"), "--save-interval", "6", ckpt=init_ckpt)
+
+
+@pytest.fixture(scope="module")
+def tp4_ckpt(tp4_run, tp4_dir):
+    """tp4_run's checkpoint: 4 shard files, one per TP rank."""
+    return tp4_dir / "ckpt"
 
 
 def _same(run, ref, tol):
@@ -112,6 +135,88 @@ def test_resume_across_layouts_continues_the_same_run(init_ckpt, tp4_run, tmp_pa
     assert sorted(loss) == [4, 5, 6]
     assert rel_diff(loss, tp4_run.by_iteration("lm loss")) < FP32_TOL
     assert rel_diff(norm, tp4_run.by_iteration("grad norm")) < FP32_TOL
+
+
+def _tracker(ckpt):
+    return (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
+
+
+def _killed(workdir, rank, at, *extra, ckpt, finetune):
+    """A grid 2x2 run in which rank `rank` SIGKILLs itself `at` log:N or save:N (see
+    tests/killed_pretrain.py); torchrun must tear down the other ranks and fail."""
+    run = _train(workdir, 4, GRID_2X2, "--kill-rank", str(rank), "--kill-at", at, *extra,
+                 ckpt=ckpt, finetune=finetune, script=KILLED_SCRIPT)
+    assert f"[test] rank {rank}: SIGKILL" in run.rank_logs[rank], run.output[-3000:]
+    assert run.returncode != 0 and "exitcode  : -9" in run.output, run.output[-3000:]
+    assert _gone(workdir), "processes of the killed run outlived it"
+    return run
+
+
+def _gone(workdir, wait=10.0):
+    """Whether, within `wait` s, no process names this run's metrics file in its command line
+    (every rank has it, and so do children forked from a rank, such as the checkpoint
+    writer's multiprocessing Manager)."""
+    mark = str(workdir / "metrics.jsonl").encode()
+    deadline = time.time() + wait
+    while any(mark in _read(cmdline) for cmdline in Path("/proc").glob("[0-9]*/cmdline")):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _read(path):
+    try:
+        return path.read_bytes()
+    except OSError:  # the process exited meanwhile
+        return b""
+
+
+def test_killed_rank_resumes_from_the_last_complete_checkpoint(init_ckpt, tp4_run, tmp_path):
+    """A rank SIGKILLed between two checkpoints, then again during a save, loses only the
+    iterations since the last complete checkpoint: each resume (model, optimizer, RNG, data
+    position) continues the uninterrupted TP=4 run to 1e-5. A save cut short leaves its
+    iteration directory without metadata.json and the tracker file on the previous one, so
+    Megatron resumes from that; the next save overwrites the partial directory."""
+    ckpt = tmp_path / "ckpt"
+    save = ["--save", str(ckpt), "--save-interval", "2"]
+    a = _killed(tmp_path / "a", 2, "log:3", *save, ckpt=init_ckpt, finetune=True)
+    assert _tracker(ckpt) == "2" and not (ckpt / "iter_0000004").exists()
+
+    b = _killed(tmp_path / "b", 0, "save:4", *save, ckpt=ckpt, finetune=False)
+    assert f"loading distributed checkpoint from {ckpt} at iteration 2" in b.rank_logs[0]
+    assert _tracker(ckpt) == "2"  # iteration 4's save never completed
+    assert sorted(p.name for p in (ckpt / "iter_0000004").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
+    with pytest.raises(MxnConfigError, match="metadata.json is missing"):
+        check_checkpoint_files(str(ckpt / "iter_0000004"))
+
+    c = _train(tmp_path / "c", 4, GRID_2X2, *save, ckpt=ckpt, finetune=False)
+    assert f"loading distributed checkpoint from {ckpt} at iteration 2" in c.rank_logs[0]
+    assert _tracker(ckpt) == "6"
+    check_checkpoint_files(str(ckpt / "iter_0000004"))  # rewritten whole
+
+    for run, iterations in ((a, [1, 2, 3]), (b, [3, 4]), (c, [3, 4, 5, 6])):
+        assert sorted(run.by_iteration("lm loss")) == iterations
+        for key in ("lm loss", "grad norm"):
+            assert rel_diff(run.by_iteration(key), tp4_run.by_iteration(key)) < FP32_TOL, key
+
+
+def test_damaged_checkpoint_fails_on_every_rank(tp4_ckpt, tmp_path):
+    """Shards that only some ranks read (the TP=4 checkpoint's last two, under grid 1x2), one
+    missing, one truncated: every rank names both and exits, none waits for the others."""
+    ckpt = shutil.copytree(tp4_ckpt, tmp_path / "ckpt")
+    (ckpt / "iter_0000006" / "__2_0.distcp").unlink()
+    with open(ckpt / "iter_0000006" / "__3_0.distcp", "r+b") as f:
+        f.truncate(1000)
+    run = run_ranks_apart(SCRIPT, 2, [*TINY_GPT, "--mock-data", "--train-iters", "1",
+                                      "--mxn-head-groups", "1", "--mxn-dim-slices", "2",
+                                      "--load", str(ckpt)], tmp_path / "run", timeout=180)
+    assert run.returncode != 0
+    for rank, log in run.rank_logs.items():
+        assert (f"MxnConfigError: checkpoint {ckpt / 'iter_0000006'} is incomplete: "
+                "__2_0.distcp is missing; __3_0.distcp is truncated: 1000 bytes, the metadata "
+                "needs ") in log, (rank, log[-2000:])
 
 
 @pytest.fixture(scope="module")

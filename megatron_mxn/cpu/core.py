@@ -320,14 +320,42 @@ def _moe_split_sizes_as_numpy():
        CORE, "a torch_dist save creates its results queue through a multiprocessing Manager "
        "started with 'spawn', a fresh interpreter that re-imports the training script: seconds "
        "per rank on a small CPU machine. CPU mode starts it with 'fork' (what megatron's own "
-       "async save asks for)", fingerprint="46b5e470de19")
+       "async save asks for), and makes the Manager's server die with its rank: a SIGKILLed "
+       "rank runs no exit handler, and its server would otherwise live on as an orphan",
+       fingerprint="46b5e470de19")
 def _fork_checkpoint_results_queue():
+    import multiprocessing
+    import os
+    from multiprocessing.managers import SyncManager
+
     target = "megatron.core.dist_checkpointing.strategies.filesystem_async.get_write_results_queue"
+    module = resolve(target.rsplit(".", 1)[0])
 
     def make(orig):
         def get_write_results_queue(mp_mode: str = "fork"):
-            return orig(mp_mode=mp_mode)
+            if module._results_queue is None:  # what orig does, plus the initializer
+                with module._disable_gc():
+                    manager = SyncManager(ctx=multiprocessing.get_context(mp_mode))
+                    manager.start(_exit_with_parent, (os.getpid(),))
+                    module._results_queue = manager.Queue()  # its proxy keeps `manager` alive
+            return module._results_queue
 
         return get_write_results_queue
 
     _replace(target, make)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Manager initializer: ask Linux to SIGKILL this process when its parent dies (a no-op
+    where prctl does not exist). Linux means the parent *thread* that started the Manager:
+    megatron saves from the main thread, which lives as long as the rank."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
