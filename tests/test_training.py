@@ -217,6 +217,148 @@ def test_damaged_checkpoint_fails_on_every_rank(tp4_ckpt, tmp_path):
         assert (f"MxnConfigError: checkpoint {ckpt / 'iter_0000006'} is incomplete: "
                 "__2_0.distcp is missing; __3_0.distcp is truncated: 1000 bytes, the metadata "
                 "needs ") in log, (rank, log[-2000:])
+# The distributed optimizer: one uninterrupted 12-iteration TP=4 run, and chains of 3-iteration
+# segments under other layouts, each resumed (model, optimizer, scheduler) from the previous
+# segment's checkpoint, in megatron's default optimizer format (dp_reshardable: each rank's flat
+# buffer) or the fully reshardable one (by model tensor).
+DIST_OPT = ["--use-distributed-optimizer"]
+FULLY = ["--dist-ckpt-optim-fully-reshardable"]
+TP4 = ["--tensor-model-parallel-size", "4"]
+GRID_2X2 = ["--mxn-head-groups", "2", "--mxn-dim-slices", "2"]
+TP2_DP2 = ["--tensor-model-parallel-size", "2"]
+GRID_1X2_DP2 = ["--mxn-head-groups", "1", "--mxn-dim-slices", "2"]
+DIST_OPT_ITERS = 12
+
+
+@pytest.fixture(scope="module")
+def dist_opt_ref(init_ckpt, tmp_path_factory):
+    """The uninterrupted run, saving every 3 iterations (dp_reshardable)."""
+    root = tmp_path_factory.mktemp("dist_opt_ref")
+    run = _train(root, 4, TP4, *DIST_OPT, "--save", str(root / "ckpt"), "--save-interval", "3",
+                 iters=DIST_OPT_ITERS, ckpt=init_ckpt)
+    return run, root / "ckpt"
+
+
+def _segment(tmp_path_factory, layout, load, stop, fmt=(), extra=(), resume=True):
+    """The run under `layout` up to iteration `stop`, resumed from checkpoint `load` (or
+    started from its weights alone: resume=False), saved at `stop` with optimizer format
+    `fmt`: (run, its checkpoint)."""
+    root = tmp_path_factory.mktemp("segment")
+    run = _train(root, 4, layout, *DIST_OPT, *fmt, *extra, "--save", str(root / "ckpt"),
+                 "--save-interval", "100", "--exit-interval", str(stop), iters=DIST_OPT_ITERS,
+                 ckpt=load, finetune=not resume)
+    return run, root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def tp4_resumed(dist_opt_ref, tmp_path_factory):
+    """TP=4 -> TP=4 (dp_reshardable), iterations 4-6; saved fully reshardable."""
+    return _segment(tmp_path_factory, TP4, dist_opt_ref[1], 6, FULLY, ["--ckpt-step", "3"])
+
+
+@pytest.fixture(scope="module")
+def grid_2x2_resumed(tp4_resumed, tmp_path_factory):
+    """TP=4 -> grid 2x2 (fully reshardable), iterations 7-9."""
+    return _segment(tmp_path_factory, GRID_2X2, tp4_resumed[1], 9, FULLY)
+
+
+@pytest.fixture(scope="module")
+def tp4_from_grid_2x2(grid_2x2_resumed, tmp_path_factory):
+    """grid 2x2 -> TP=4 (fully reshardable), iterations 10-12."""
+    return _segment(tmp_path_factory, TP4, grid_2x2_resumed[1], 12)
+
+
+@pytest.fixture(scope="module")
+def tp2_dp2_first(init_ckpt, tmp_path_factory):
+    """TP=2 x DP 2, iterations 1-3, saved dp_reshardable."""
+    return _segment(tmp_path_factory, TP2_DP2, init_ckpt, 3, resume=False)
+
+
+@pytest.fixture(scope="module")
+def tp2_dp2_resumed(tp2_dp2_first, tmp_path_factory):
+    """TP=2 x DP 2 -> TP=2 x DP 2 (dp_reshardable), iterations 4-6; saved fully reshardable."""
+    return _segment(tmp_path_factory, TP2_DP2, tp2_dp2_first[1], 6, FULLY)
+
+
+@pytest.fixture(scope="module")
+def grid_1x2_dp2_resumed(tp2_dp2_resumed, tmp_path_factory):
+    """TP=2 x DP 2 -> grid 1x2 x DP 2 (fully reshardable), iterations 7-9."""
+    return _segment(tmp_path_factory, GRID_1X2_DP2, tp2_dp2_resumed[1], 9)
+
+
+@pytest.fixture(scope="module")
+def grid_2x2_first(init_ckpt, tmp_path_factory):
+    """grid 2x2, iterations 1-3, saved dp_reshardable."""
+    return _segment(tmp_path_factory, GRID_2X2, init_ckpt, 3, resume=False)
+
+
+@pytest.mark.parametrize("segment,first", [
+    ("tp4_resumed", 4), ("grid_2x2_resumed", 7), ("tp4_from_grid_2x2", 10),
+    ("tp2_dp2_resumed", 4), ("grid_1x2_dp2_resumed", 7),
+])
+def test_distributed_optimizer_resume_continues_the_same_run(dist_opt_ref, request, segment,
+                                                             first):
+    """Each resumed segment (same layout with dp_reshardable state, another layout with
+    fully reshardable state) equals the uninterrupted run at its 3 iterations."""
+    run, _ = request.getfixturevalue(segment)
+    ref = dist_opt_ref[0]
+    assert sorted(run.by_iteration("lm loss")) == [first, first + 1, first + 2]
+    for key in ("lm loss", "grad norm"):
+        assert rel_diff(run.by_iteration(key), ref.by_iteration(key)) < FP32_TOL, key
+
+
+@pytest.mark.parametrize("saved,step,layout,rule", [
+    ("dist_opt_ref", "3", GRID_2X2, "saved under TP=4; under this run's grid 2x2 (TP=4)"),
+    ("grid_2x2_first", None, TP4, "saved under grid 2x2 (TP=4); under this run's TP=4"),
+    ("tp2_dp2_first", None, GRID_1X2_DP2, "saved under TP=2; under this run's grid 1x2 (TP=2)"),
+])
+def test_per_rank_optimizer_state_is_refused_under_another_grid(request, tmp_path, saved, step,
+                                                                layout, rule):
+    """dp_reshardable state under another grid would put the Adam moments on other rows: every
+    rank refuses it before any collective and names the flags that work."""
+    ckpt = request.getfixturevalue(saved)[1]
+    flags = [*TINY_GPT, *layout, *DIST_OPT, "--mock-data", "--train-iters", "12",
+             "--load", str(ckpt), *(["--ckpt-step", step] if step else [])]
+    run = run_ranks_apart(SCRIPT, 4, flags, tmp_path, timeout=180)
+    assert run.returncode != 0
+    for rank, log in run.rank_logs.items():
+        assert "MxnConfigError" in log and "dp_reshardable" in log and rule in log, (
+            rank, log[-2000:])
+        assert "--dist-ckpt-optim-fully-reshardable" in log and "--no-load-optim" in log
+
+
+def test_optimizer_layout_rule():
+    """Which loads check_optimizer_layout lets through (no processes: the rule alone)."""
+    from argparse import Namespace
+
+    from megatron_mxn.layout import MxnConfigError
+    from megatron_mxn.megatron_lm import check_optimizer_layout
+
+    def run(n, m, **flags):
+        return Namespace(load="ckpt", mxn_head_groups=n, mxn_dim_slices=m,
+                         use_distributed_optimizer=True, **flags)
+
+    tp4 = Namespace(tensor_model_parallel_size=4)  # saved without megatron_mxn
+    grid = Namespace(tensor_model_parallel_size=4, mxn_head_groups=2, mxn_dim_slices=2)
+    per_rank, fully = ({"distrib_optim_sharding_type": f} for f in ("dp_reshardable",
+                                                                     "fully_reshardable"))
+    no_optim_saved = Namespace(tensor_model_parallel_size=4, no_save_optim=True)
+    allowed = [
+        (run(4, 1), tp4, per_rank),  # same layout
+        (run(2, 2), grid, per_rank),
+        (run(2, 2), tp4, fully),  # reshards by model tensor
+        (run(4, 1), grid, fully),
+        (run(2, 2, no_load_optim=True), tp4, per_rank),  # optimizer state not read
+        (run(2, 2, finetune=True), tp4, per_rank),
+        (run(2, 2), no_optim_saved, per_rank),
+        (run(2, 2), tp4, None),  # no distributed-optimizer state in the checkpoint
+    ]
+    for args, saved, fmt in allowed:
+        check_optimizer_layout(args, saved, fmt)
+    with pytest.raises(MxnConfigError, match="saved under TP=4; under this run's grid 2x2"):
+        check_optimizer_layout(run(2, 2), tp4, per_rank)
+    with pytest.raises(MxnConfigError, match="saved under grid 2x2 .TP=4.; under this run's TP=4"):
+        check_optimizer_layout(run(4, 1), grid, per_rank)
 
 
 @pytest.fixture(scope="module")

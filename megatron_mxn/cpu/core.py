@@ -2,8 +2,10 @@
 
 megatron-core assumes a CUDA device in a handful of places (device queries, the CUDA RNG,
 `device="cuda"` literals, streams). Each patch below replaces exactly one of those assumptions
-with its CPU equivalent; nothing here changes numerics. Written for megatron-core 0.19.x and
-torch 2.6-2.14 (checked on 0.19.2 / 2.14.1).
+with its CPU equivalent; nothing here changes numerics. The distributed optimizer also assumes
+apex's or Transformer Engine's fused Adam when it loads a checkpoint: the last patches make its
+torch AdamW fallback resume exactly. Written for megatron-core 0.19.x and torch 2.6-2.14
+(checked on 0.19.2 / 2.14.1).
 """
 
 from __future__ import annotations
@@ -359,3 +361,97 @@ def _exit_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(0)
+# --------------------------------------------------------------------------- optimizer
+
+
+def _unstepped_state(optimizer) -> dict:
+    """A DistributedOptimizer state dict for an optimizer that has not stepped: its param
+    groups at step 0 (what megatron's state_dict() would report), no parameter state."""
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "step": 0}
+              for group in optimizer.optimizer.param_groups]
+    state = {"optimizer": {"param_groups": groups}}
+    if optimizer.grad_scaler:
+        state["grad_scaler"] = optimizer.grad_scaler.state_dict()
+    return state
+
+
+@patch("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.sharded_state_dict",
+       CORE, "without apex or Transformer Engine (always on CPU) the distributed optimizer "
+       "wraps torch's AdamW, whose per-parameter 'step' exists only after a first step; "
+       "building the state dict to load into (any --load with --use-distributed-optimizer) "
+       "reads it from the still-empty state and fails (state_dict: assert len(steps) == 1). "
+       "The state is allocated first through megatron's own load_state_dict, at step 0, "
+       "without stepping (which would decay the weights); the load then overwrites it",
+       fingerprint="3a5c1a91ba40")
+def _allocate_optimizer_state_before_load():
+    from megatron.core.optimizer import distrib_optimizer
+
+    def make(orig):
+        def sharded_state_dict(self, model_sharded_state_dict={}, is_loading=False,
+                               sharding_type=None, metadata=None):
+            if is_loading and not self.optimizer.state and not distrib_optimizer.HAVE_APEX_OR_TE:
+                self.load_state_dict(_unstepped_state(self))
+            return orig(self, model_sharded_state_dict, is_loading, sharding_type, metadata)
+
+        return sharded_state_dict
+
+    _replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.sharded_state_dict",
+             make)
+
+
+@patch("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+       "load_parameter_state_from_dp_reshardable", CORE,
+       "with fp32 parameters the distributed optimizer's main params are views of the model "
+       "params, and this loader (unlike its fully_reshardable sibling) copies into them with "
+       "autograd on: 'a view of a leaf Variable that requires grad is being used in an "
+       "in-place operation' on any --load of a dp_reshardable checkpoint. It runs under "
+       "torch.no_grad(). Not CPU-specific: install_wheel_fixes() applies it on GPUs too",
+       fingerprint="e6892335cf59", scope="wheel")
+def _load_dp_reshardable_without_autograd():
+    def make(orig):
+        def load_parameter_state_from_dp_reshardable(self, state_dict):
+            with torch.no_grad():
+                return orig(self, state_dict)
+
+        return load_parameter_state_from_dp_reshardable
+
+    _replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+             "load_parameter_state_from_dp_reshardable", make)
+
+
+@patch("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+       "_set_main_param_and_optimizer_states", CORE,
+       "torch's AdamW keeps a per-parameter 'step' tensor (Transformer Engine's FusedAdam, "
+       "which megatron expects, does not); load_state_dict sets it from the checkpoint's param "
+       "groups, then the per-parameter loaders copy every state tensor: the fully_reshardable "
+       "one has no 'step' (KeyError) and the dp_reshardable one copies back the step the "
+       "optimizer had when the load state dict was built (the resumed run restarts Adam's bias "
+       "correction). The step is left to the param groups", fingerprint="48293ed75267")
+def _step_comes_from_param_groups():
+    def make(orig):
+        def _set_main_param_and_optimizer_states(self, model_param, tensors):
+            return orig(self, model_param, {**tensors, "step": None})  # None: not copied
+
+        return _set_main_param_and_optimizer_states
+
+    _replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+             "_set_main_param_and_optimizer_states", make)
+
+
+@patch("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict", CORE,
+       "with torch's AdamW (no apex or Transformer Engine) it gives every parameter the same "
+       "'step' tensor, which AdamW then increments in place once per parameter: after a resume "
+       "the step races ahead (3 -> 30 -> 57 with 27 parameters) and Adam's bias correction is "
+       "wrong. Each parameter gets its own copy", fingerprint="62bb9b06ccd3")
+def _one_step_tensor_per_parameter():
+    def make(orig):
+        def load_state_dict(self, state_dict):
+            orig(self, state_dict)
+            for state in self.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+        return load_state_dict
+
+    _replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict",
+             make)
