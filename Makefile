@@ -24,7 +24,7 @@ ab: $(STAMP)
 	$(PY) scripts/ab_compare.py --config configs/cpu_dense.yaml --config configs/cpu_moe.yaml --run ab-cpu
 
 plan: $(STAMP)
-	$(PY) -m megatron_mxn.plan --config configs/paper_dense.yaml
+	$(PY) -m megatron_mxn.analysis.plan --config configs/paper_dense.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -12,20 +12,20 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GridLayout": "megatron_mxn.layout",
-    "MxnConfigError": "megatron_mxn.layout",
-    "MxnDotProductAttention": "megatron_mxn.core_attention",
-    "MxnProcessGroupCollection": "megatron_mxn.parallel_state",
-    "MxnSelfAttention": "megatron_mxn.attention",
-    "MxnTransformerConfig": "megatron_mxn.config",
-    "destroy_mxn_parallel": "megatron_mxn.parallel_state",
-    "get_grid": "megatron_mxn.parallel_state",
-    "get_mxn_gpt_layer_local_spec": "megatron_mxn.spec",
-    "get_mxn_gpt_layer_te_spec": "megatron_mxn.spec",
-    "get_mxn_layer_spec": "megatron_mxn.spec",
-    "grid_layout": "megatron_mxn.attention",
-    "initialize_mxn_parallel": "megatron_mxn.parallel_state",
-    "mxn_parallel_is_initialized": "megatron_mxn.parallel_state",
+    "GridLayout": "megatron_mxn.grid.layout",
+    "MxnConfigError": "megatron_mxn.grid.layout",
+    "MxnDotProductAttention": "megatron_mxn.attention.core",
+    "MxnProcessGroupCollection": "megatron_mxn.grid.groups",
+    "MxnSelfAttention": "megatron_mxn.attention.self_attention",
+    "MxnTransformerConfig": "megatron_mxn.attention.config",
+    "destroy_mxn_parallel": "megatron_mxn.grid.groups",
+    "get_grid": "megatron_mxn.grid.groups",
+    "get_mxn_gpt_layer_local_spec": "megatron_mxn.attention.spec",
+    "get_mxn_gpt_layer_te_spec": "megatron_mxn.attention.spec",
+    "get_mxn_layer_spec": "megatron_mxn.attention.spec",
+    "grid_layout": "megatron_mxn.attention.self_attention",
+    "initialize_mxn_parallel": "megatron_mxn.grid.groups",
+    "mxn_parallel_is_initialized": "megatron_mxn.grid.groups",
 }
 
 __all__ = sorted(_EXPORTS)

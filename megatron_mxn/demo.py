@@ -53,8 +53,8 @@ def _rank(ckpt_dir: str, steps: int):
     from megatron.core import dist_checkpointing
 
     import megatron_mxn
-    from megatron_mxn.accounting import CommCounter
-    from megatron_mxn.inference import greedy_generate
+    from megatron_mxn.analysis.accounting import CommCounter
+    from megatron_mxn.inference.generation import greedy_generate
 
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     rows, reference = [], None
@@ -95,11 +95,9 @@ def _rank(ckpt_dir: str, steps: int):
 
 
 def _fmt_bytes(x: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(x) < 1024 or unit == "GiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return str(x)
+    from megatron_mxn.analysis.accounting import format_bytes
+
+    return format_bytes(x, digits=1)
 
 
 def format_table(per_rank) -> str:
@@ -128,7 +126,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps after the prefill")
     parser.add_argument("--world-size", type=int, default=4, help="CPU ranks (gloo)")
     args = parser.parse_args(argv)
-    from megatron_mxn.launch import run_on_cpu_ranks
+    from megatron_mxn.cpu.launch import run_on_cpu_ranks
 
     started = time.perf_counter()
     print(f"megatron_mxn demo: GQA GPT (h={MODEL['num_attention_heads']}, "

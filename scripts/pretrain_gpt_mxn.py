@@ -1,6 +1,6 @@
 """Megatron GPT pretraining with the head-group x dim-slice grid: `torchrun ... scripts/pretrain_gpt_mxn.py [Megatron flags] [--mxn-* flags]`.
 
-Thin launcher around megatron_mxn.pretrain_gpt: helper processes that Megatron spawns (its
+Thin launcher around megatron_mxn.megatron_lm.pretrain_gpt: helper processes that Megatron spawns (its
 checkpoint writer) re-import this file, so it imports nothing heavy at the top level.
 """
 
@@ -9,6 +9,6 @@ import sys
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megatron_mxn.pretrain_gpt import main
+    from megatron_mxn.megatron_lm.pretrain_gpt import main
 
     main()

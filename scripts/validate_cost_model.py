@@ -1,9 +1,9 @@
 """Check the cost model against measurement: `python scripts/validate_cost_model.py`.
 
 For each layout of a CPU config (each grid schedule too) and each prompt length, one real
-generation (megatron_mxn.generate on 4 gloo ranks, the same checkpoint) reports every collective
+generation (megatron_mxn.inference.generate on 4 gloo ranks, the same checkpoint) reports every collective
 of every step, the parameter bytes and the KV-cache bytes of each pipeline stage; the cost model
-(megatron_mxn.cost_model) predicts the same from the config alone. Bytes and memory must agree
+(megatron_mxn.analysis.cost_model) predicts the same from the config alone. Bytes and memory must agree
 exactly; the planner's predicted TPOT ranking of the layouts is compared with the measured
 ranking (reported, not asserted: CPU timings are noisy). Writes <results-dir>/validate_cost_model.md.
 """
@@ -17,16 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_mxn.ab_compare import Launcher, make_checkpoint, run_job  # noqa: E402
-from megatron_mxn.accounting import count_rows  # noqa: E402
-from megatron_mxn.configs import load_config  # noqa: E402
-from megatron_mxn.cost_model import (  # noqa: E402
+from megatron_mxn.analysis.ab_compare import Launcher, make_checkpoint, run_job  # noqa: E402
+from megatron_mxn.analysis.accounting import count_rows  # noqa: E402
+from megatron_mxn.megatron_lm.run_configs import load_config  # noqa: E402
+from megatron_mxn.analysis.cost_model import (  # noqa: E402
     ModelShape,
     kv_cache_bytes,
     step_collectives,
     weight_bytes,
 )
-from megatron_mxn.plan import PRESETS, Workload, config_layouts, predict  # noqa: E402
+from megatron_mxn.analysis.plan import PRESETS, Workload, config_layouts, predict  # noqa: E402
 
 
 def predicted_rows(model, layout, batch, prompt, new, stage):
@@ -68,7 +68,7 @@ def main() -> int:
                 tag = f"{name}-{layout.schedule}-p{prompt}"
                 report_path = work_dir / f"{tag}.json"
                 cmd = launcher.command([
-                    "-m", "megatron_mxn.generate", "--config", args.config, "--layout", name,
+                    "-m", "megatron_mxn.inference.generate", "--config", args.config, "--layout", name,
                     "--load", ckpt, "--mxn-attention", layout.schedule, "--prompt-length",
                     str(prompt), "--max-new-tokens", str(args.new_tokens), "--repeats",
                     str(args.repeats), "--output-json", str(report_path)])

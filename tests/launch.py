@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-from megatron_mxn.launch import free_port
+from megatron_mxn.cpu.launch import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ import signal
 import time
 import traceback
 
-from megatron_mxn.launch import free_port
+from megatron_mxn.cpu.launch import free_port
 
 
 def _worker(rank: int, world: int, port: int, tasks, results) -> None:

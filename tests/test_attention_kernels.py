@@ -1,4 +1,4 @@
-"""megatron_mxn.attention_kernels against attention written from the formula (fp64 scores, an
+"""megatron_mxn.attention.kernels against attention written from the formula (fp64 scores, an
 explicit mask, softmax), forward and gradients; plus the O(s) memory of the offset causal path."""
 
 import re
@@ -8,8 +8,8 @@ from unittest import mock
 import pytest
 import torch
 
-from megatron_mxn import attention_kernels as ak
-from megatron_mxn.attention_kernels import attention
+from megatron_mxn.attention import kernels as ak
+from megatron_mxn.attention.kernels import attention
 
 B, D = 2, 16
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -1,4 +1,4 @@
-"""The local integrity check of a torch_dist checkpoint (megatron_mxn.checkpoint_files), on a
+"""The local integrity check of a torch_dist checkpoint (megatron_mxn.megatron_lm.checkpoint_files), on a
 small checkpoint written by torch.distributed.checkpoint in the layout Megatron's torch_dist
 uses: shard files, `.metadata`, metadata.json, the common state as a `common_state/` item.
 The same check through the pretrain entry point: tests/test_training.py."""
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megatron_mxn.checkpoint_files import check_checkpoint_files
-from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.megatron_lm.checkpoint_files import check_checkpoint_files
+from megatron_mxn.grid.layout import MxnConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

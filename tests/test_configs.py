@@ -1,11 +1,11 @@
-"""configs/*.yaml expand into flags that Megatron's parser and megatron_mxn.generate know."""
+"""configs/*.yaml expand into flags that Megatron's parser and megatron_mxn.inference.generate know."""
 
 from pathlib import Path
 
 import pytest
 
-from megatron_mxn.configs import expand_config_args, load_config, megatron_option_strings
-from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.megatron_lm.run_configs import expand_config_args, load_config, megatron_option_strings
+from megatron_mxn.grid.layout import MxnConfigError
 from megatron_mxn.megatron_lm import add_mxn_args
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 
 @pytest.fixture(scope="module")
 def known():
-    from megatron_mxn.generate import GENERATE
+    from megatron_mxn.inference.generate import GENERATE
 
     megatron = megatron_option_strings(add_mxn_args)
     return {"training": megatron,

@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from megatron_mxn.cost_model import Layout, ModelShape, check_layout
-from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.analysis.cost_model import Layout, ModelShape, check_layout
+from megatron_mxn.grid.layout import MxnConfigError
 from tests.cases.cost import measured_vs_predicted
 
 pytestmark = pytest.mark.uses_pool

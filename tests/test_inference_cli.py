@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from megatron_mxn.accounting import count_rows
-from megatron_mxn.configs import load_config
-from megatron_mxn.cost_model import ModelShape, kv_cache_bytes, step_collectives, weight_bytes
-from megatron_mxn.plan import config_layouts
+from megatron_mxn.analysis.accounting import count_rows
+from megatron_mxn.megatron_lm.run_configs import load_config
+from megatron_mxn.analysis.cost_model import ModelShape, kv_cache_bytes, step_collectives, weight_bytes
+from megatron_mxn.analysis.plan import config_layouts
 from tests.launch import REPO, run_ranks_apart
 
 CPU_DENSE = str(REPO / "configs" / "cpu_dense.yaml")
@@ -45,7 +45,7 @@ def test_ab_driver_writes_md_csv_png_with_identical_tokens(cpu_dense_ab):
 
 def test_generation_reports_the_collectives_the_cost_model_predicts(cpu_dense_ab):
     """Through the entry point, with Megatron's flags: every step's collectives on every
-    pipeline stage, the parameter and KV-cache bytes equal megatron_mxn.cost_model's."""
+    pipeline stage, the parameter and KV-cache bytes equal megatron_mxn.analysis.cost_model's."""
     results, _ = cpu_dense_ab
     cfg = load_config(CPU_DENSE)
     model = ModelShape.from_flags(cfg["model"])
@@ -82,7 +82,7 @@ def test_generation_reports_the_collectives_the_cost_model_predicts(cpu_dense_ab
 ])
 def test_generate_refuses_bad_requests_on_every_rank(cpu_dense_checkpoint, tmp_path, flags,
                                                      rule):
-    run = run_ranks_apart("-m megatron_mxn.generate", 2, [
+    run = run_ranks_apart("-m megatron_mxn.inference.generate", 2, [
         "--config", CPU_DENSE, "--tensor-model-parallel-size", "2",
         "--load", str(cpu_dense_checkpoint), *flags], tmp_path, timeout=180)
     assert run.returncode != 0
@@ -93,7 +93,7 @@ def test_generate_refuses_bad_requests_on_every_rank(cpu_dense_checkpoint, tmp_p
 def test_generate_refuses_unknown_config_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(open(CPU_DENSE).read().replace("  batch-size: 8", "  batch-sise: 8"))
-    run = run_ranks_apart("-m megatron_mxn.generate", 1, ["--config", str(bad)], tmp_path,
+    run = run_ranks_apart("-m megatron_mxn.inference.generate", 1, ["--config", str(bad)], tmp_path,
                           timeout=120)
     assert run.returncode != 0
     assert "unknown config key 'batch-sise' in" in run.rank_logs[0]

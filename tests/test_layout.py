@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from megatron_mxn.layout import GridLayout, MxnConfigError
+from megatron_mxn.grid.layout import GridLayout, MxnConfigError
 
 LAYOUTS = [
     # n, m, h, g, d, r, interleaved

@@ -48,9 +48,9 @@ def _options(parser: argparse.ArgumentParser) -> set:
 def _known_flags():
     from torch.distributed.run import get_args_parser
 
-    from megatron_mxn import ab_compare
-    from megatron_mxn.configs import megatron_option_strings
-    from megatron_mxn.generate import GENERATE
+    from megatron_mxn.analysis import ab_compare
+    from megatron_mxn.megatron_lm.run_configs import megatron_option_strings
+    from megatron_mxn.inference.generate import GENERATE
     from megatron_mxn.megatron_lm import add_mxn_args
 
     config = {"--config", "--layout"}
@@ -61,9 +61,9 @@ def _known_flags():
             "generate": generate, "ab_compare": ab | generate}
 
 
-SCRIPTS = {"scripts/pretrain_gpt_mxn.py": "pretrain_gpt", "megatron_mxn.pretrain_gpt":
+SCRIPTS = {"scripts/pretrain_gpt_mxn.py": "pretrain_gpt", "megatron_mxn.megatron_lm.pretrain_gpt":
            "pretrain_gpt", "scripts/generate_mxn.py": "generate",
-           "megatron_mxn.generate": "generate", "scripts/ab_compare.py": "ab_compare"}
+           "megatron_mxn.inference.generate": "generate", "scripts/ab_compare.py": "ab_compare"}
 
 
 def test_shell_examples_use_known_flags():

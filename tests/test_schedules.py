@@ -3,7 +3,7 @@ sliced is the seed paper's per-slice model, checked against plain torch; auto's 
 
 import pytest
 
-from megatron_mxn.schedules import ScoreShape, choose, schedule_bytes
+from megatron_mxn.attention.schedules import ScoreShape, choose, schedule_bytes
 from tests.cases.equivalence import compare_with_tp1
 from tests.cases.schedules import auto_choices, sliced_matches_plain_torch
 from tests.test_equivalence import CASES, FP32_TOL, _check

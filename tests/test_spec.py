@@ -12,7 +12,7 @@ from megatron_mxn import (
     get_mxn_gpt_layer_local_spec,
     get_mxn_layer_spec,
 )
-from megatron_mxn.qk_norm import SlicedHeadNorm
+from megatron_mxn.attention.qk_norm import SlicedHeadNorm
 
 
 def _attn(layer_spec):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_mxn.checkpoint_files import check_checkpoint_files
-from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.megatron_lm.checkpoint_files import check_checkpoint_files
+from megatron_mxn.grid.layout import MxnConfigError
 from tests.launch import TINY_GPT, rel_diff, run_ranks_apart, torchrun
 
 SCRIPT = "scripts/pretrain_gpt_mxn.py"
@@ -331,8 +331,8 @@ def test_optimizer_layout_rule():
     """Which loads check_optimizer_layout lets through (no processes: the rule alone)."""
     from argparse import Namespace
 
-    from megatron_mxn.layout import MxnConfigError
-    from megatron_mxn.megatron_lm import check_optimizer_layout
+    from megatron_mxn.grid.layout import MxnConfigError
+    from megatron_mxn.megatron_lm.checkpoint_args import check_optimizer_layout
 
     def run(n, m, **flags):
         return Namespace(load="ckpt", mxn_head_groups=n, mxn_dim_slices=m,

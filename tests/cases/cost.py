@@ -1,4 +1,4 @@
-"""Measured collectives, weights and KV cache of a generation vs megatron_mxn.cost_model."""
+"""Measured collectives, weights and KV cache of a generation vs megatron_mxn.analysis.cost_model."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 import megatron_mxn
-from megatron_mxn.accounting import CommCounter, count_rows, sent_bytes_by_group
-from megatron_mxn.cost_model import (
+from megatron_mxn.analysis.accounting import CommCounter, count_rows, sent_bytes_by_group
+from megatron_mxn.analysis.cost_model import (
     Layout,
     ModelShape,
     kv_cache_bytes,
@@ -16,7 +16,7 @@ from megatron_mxn.cost_model import (
     step_collectives,
     weight_bytes,
 )
-from megatron_mxn.inference import generate
+from megatron_mxn.inference.generation import generate
 from tests.cases.common import VOCAB, ModelSpec, build_model, make_config, seed_all
 
 BATCH, PROMPT, NEW = 4, 8, 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import megatron_mxn
-from megatron_mxn.inference import generate
+from megatron_mxn.inference.generation import generate
 from tests.cases.common import ModelSpec, build_model, load, make_config, max_rel_err, save, seed_all
 
 BATCH, PROMPT = 4, 8

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_mxn.attention import MxnSelfAttention
+from megatron_mxn.attention.self_attention import MxnSelfAttention
 
 
 def run_python_example(code: str) -> dict:

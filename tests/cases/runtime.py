@@ -11,7 +11,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 import megatron_mxn
-from megatron_mxn.inference import greedy_generate
+from megatron_mxn.inference.generation import greedy_generate
 from tests.cases.common import (
     SEQ,
     VOCAB,

@@ -10,8 +10,8 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 
 import megatron_mxn
-from megatron_mxn.core_attention import MxnDotProductAttention
-from megatron_mxn.attention import grid_layout
+from megatron_mxn.attention.core import MxnDotProductAttention
+from megatron_mxn.attention.self_attention import grid_layout
 from tests.cases.common import ModelSpec, make_config, max_rel_err
 
 

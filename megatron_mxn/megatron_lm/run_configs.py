@@ -2,7 +2,7 @@
 
 A config has sections. `model` holds the Megatron flags of the model (`num-layers: 4`,
 `fp16: true`), `training` those of a pretraining run, `inference` those of a generation run
-(megatron_mxn.generate's flags); `layouts` maps a layout name to its flags
+(megatron_mxn.inference.generate's flags); `layouts` maps a layout name to its flags
 (`grid: {mxn-head-groups: 4, mxn-dim-slices: 4}`); `cluster` describes the machines (used by
 the planner and the SLURM launchers); `notes` is free text. `--config FILE [--layout NAME]` on
 a command line is replaced by the flags of `model`, the entry point's own section and the
@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Optional
 
 import yaml
 
-from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.grid.layout import MxnConfigError
 
 SECTIONS = ("model", "training", "inference", "layouts", "cluster", "notes")
 FLAG_SECTIONS = ("model", "training", "inference")

@@ -1,7 +1,7 @@
 """Which heads, dims, weight rows and columns each rank (i, j) of an n x m grid owns.
 
 Pure arithmetic, no process groups: every rank can compute every other rank's share, which is
-what checkpoint sharding needs. Notation follows design.md: h query heads, g KV heads, head dim
+what checkpoint sharding needs. Notation follows docs/design.md: h query heads, g KV heads, head dim
 d, n head groups, m dim slices, r rotary dims (0 = no RoPE).
 """
 

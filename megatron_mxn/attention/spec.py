@@ -10,11 +10,11 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_mxn.attention import MxnSelfAttention
-from megatron_mxn.core_attention import MxnDotProductAttention
-from megatron_mxn.layout import MxnConfigError
-from megatron_mxn.parallel_state import get_grid, mxn_parallel_is_initialized
-from megatron_mxn.qk_norm import SlicedHeadNorm
+from megatron_mxn.attention.self_attention import MxnSelfAttention
+from megatron_mxn.attention.core import MxnDotProductAttention
+from megatron_mxn.grid.layout import MxnConfigError
+from megatron_mxn.grid.groups import get_grid, mxn_parallel_is_initialized
+from megatron_mxn.attention.qk_norm import SlicedHeadNorm
 
 
 def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_percent: float = 1.0):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.grid.layout import MxnConfigError
 
 
 @dataclass
@@ -24,12 +24,12 @@ class MxnTransformerConfig(TransformerConfig):
     """m: slices of every head's dims. The head groups are tensor_model_parallel_size / m."""
 
     mxn_attention: str = "exact"
-    """How the grid computes attention (megatron_mxn.schedules): exact (partial-score
+    """How the grid computes attention (megatron_mxn.attention.schedules): exact (partial-score
     all-reduce), gather (all-gather of the Q/K slices), auto (the cheaper of the two per call,
     by the cost model), or sliced (the seed paper's per-slice softmax: a different model)."""
 
     def __post_init__(self):
-        from megatron_mxn.schedules import SCHEDULES
+        from megatron_mxn.attention.schedules import SCHEDULES
 
         m, tp = self.mxn_dim_slices, self.tensor_model_parallel_size
         if self.mxn_attention not in SCHEDULES:

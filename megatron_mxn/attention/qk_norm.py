@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_mxn.comm import all_reduce_sum
+from megatron_mxn.attention.collectives import all_reduce_sum
 
 
 class SlicedHeadNorm(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Fused attention for the sequence-split core (design.md, "Sequence-split core").
+"""Fused attention for the sequence-split core (the sequence-split core of the issue tracker; docs/design.md).
 
 A rank attends a few query rows, at absolute positions q_offset .. q_offset + sq - 1, to keys at
 positions 0 .. sk - 1 with the full head dim. With a causal mask or none, no sq x sk tensor is

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.grid.layout import MxnConfigError
 
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of every stored item
 CONFIG = "metadata.json"  # dist_checkpointing's backend record, written last by a save

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.utils import get_attr_wrapped_model
 
 
 @dataclass
@@ -67,7 +68,7 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
     pp_ranks = dist.get_process_group_ranks(pgs.pp) if pgs.pp is not None else [dist.get_rank()]
     stage, stages = pp_ranks.index(dist.get_rank()), len(pp_ranks)
     first, last = stage == 0, stage == stages - 1
-    config = _config_of(model)
+    config = get_attr_wrapped_model(model, "config")
     hidden_dtype = config.pipeline_dtype or config.params_dtype
     context = StaticInferenceContext(b, s + new_tokens)
     out = Generation(tokens=torch.empty(b, new_tokens if last else 0, dtype=torch.long))
@@ -139,12 +140,6 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, tp_group,
         tp, pp = tp_group, None
 
     return generate(model, prompt, new_tokens, _Groups, 1, keep_logits, before_step)
-
-
-def _config_of(model):
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return model.config
 
 
 def peak_memory_bytes() -> int:

@@ -48,12 +48,15 @@ def collectives(schedule: str, s: ScoreShape):
 
 
 def sent_bytes(op: str, payload: int, group_size: int) -> float:
-    """Bytes one rank sends (ring algorithms), as megatron_mxn.accounting counts them."""
+    """Bytes one rank sends in one call (ring algorithms; payload = the all-reduce's tensor,
+    the all-gather's output, the reduce-scatter's input, the message of a send)."""
     if group_size <= 1:
         return 0.0
     if op == "all_reduce":
         return 2 * (group_size - 1) / group_size * payload
-    return (group_size - 1) / group_size * payload
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (group_size - 1) / group_size * payload
+    return float(payload)  # send, broadcast (root's view)
 
 
 def schedule_bytes(schedule: str, s: ScoreShape) -> float:

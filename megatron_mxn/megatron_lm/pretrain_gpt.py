@@ -124,7 +124,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 def main():
     import sys
 
-    from megatron_mxn.configs import expand_config_args, megatron_option_strings
+    from megatron_mxn.megatron_lm.run_configs import expand_config_args, megatron_option_strings
 
     # `--config configs/x.yaml --layout NAME`: the config's flags first, explicit flags win.
     sys.argv[1:] = expand_config_args(sys.argv[1:], megatron_option_strings(add_mxn_args))

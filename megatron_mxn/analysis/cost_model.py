@@ -1,7 +1,7 @@
 """What a layout costs per rank: every collective of a generation step, weights, KV cache.
 
-The collectives are those megatron_mxn.inference.generate issues with megatron-core's local
-layers (dense MLP) and the grid attention, in megatron_mxn.accounting's convention (op, group,
+The collectives are those megatron_mxn.inference.generation.generate issues with megatron-core's local
+layers (dense MLP) and the grid attention, in megatron_mxn.analysis.accounting's convention (op, group,
 payload = the all-reduce tensor / all-gather output / sent tensor, calls), so that predictions
 and measurements compare exactly (tests/test_cost_model.py, scripts/validate_cost_model.py).
 MoE token traffic depends on the routing and is estimated for uniform routing by the planner.
@@ -13,9 +13,9 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
-from megatron_mxn.accounting import CommRecord
-from megatron_mxn.layout import GridLayout, MxnConfigError
-from megatron_mxn.schedules import ScoreShape, choose, collectives
+from megatron_mxn.analysis.accounting import CommRecord
+from megatron_mxn.grid.layout import GridLayout, MxnConfigError
+from megatron_mxn.attention.schedules import ScoreShape, choose, collectives
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Layout:
 
 
 def check_layout(model: ModelShape, layout: Layout) -> None:
-    """The rules of design.md (and megatron-core's), as errors naming the rule."""
+    """The rules of docs/design.md (and megatron-core's), as errors naming the rule."""
     n, m, tp = layout.head_groups, layout.dim_slices, layout.tp
     if tp % m:
         raise MxnConfigError(f"TP ({tp}) must be divisible by the dim slices ({m})")

@@ -2,8 +2,8 @@
 
 The layer keeps megatron's parameter names (linear_qkv, linear_proj, q/k_layernorm), its
 forward (QKV, KV cache, RoPE, core attention, output projection) and its checkpoint keys.
-What changes is the meaning of the local rows/columns (see layout.GridLayout) and the core
-attention (core_attention.MxnDotProductAttention).
+What changes is the meaning of the local rows/columns (see grid.layout.GridLayout) and the core
+attention (core.MxnDotProductAttention).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.typed_torch import apply_module
 from megatron.core.utils import deprecate_inference_params
 
-from megatron_mxn.checkpoint import grid_sharded_factory
-from megatron_mxn.layout import GridLayout, MxnConfigError
-from megatron_mxn.parallel_state import MxnProcessGroupCollection, grid_groups_of
+from megatron_mxn.attention.sharding import grid_sharded_factory
+from megatron_mxn.grid.layout import GridLayout, MxnConfigError
+from megatron_mxn.grid.groups import MxnProcessGroupCollection, grid_groups_of
 
 # Options of TransformerConfig the grid attention does not implement: (attribute, allowed value).
 _UNSUPPORTED = (
@@ -191,7 +191,7 @@ class MxnSelfAttention(SelfAttention):
 
     # ------------------------------------------------------------------ checkpoint
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """megatron's TP keys and global shapes; grid-shaped shards (see checkpoint.py)."""
+        """megatron's TP keys and global shapes; grid-shaped shards (see sharding.py)."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         layout, grid = self.mxn_layout, self.mxn_grid
         i, j = grid.head_group_index, grid.dim_slice_index

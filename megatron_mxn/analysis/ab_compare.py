@@ -5,7 +5,7 @@ layout; identical tokens checked; medians and spread of every metric; .md, .csv 
 
 Each config names its layouts (`baseline`, `grid`, `tp`). Without `--load`, a checkpoint is
 made first by a short pretraining run (the config's `training` section) under the baseline
-layout; every layout then loads it. Each layout runs as one `megatron_mxn.generate` job (one
+layout; every layout then loads it. Each layout runs as one `megatron_mxn.inference.generate` job (one
 untimed warm-up generation, then `--repeats` timed ones), launched with torchrun on this machine
 or, with `--launcher srun` inside an sbatch allocation, one torchrun per node. The raw JSON of
 every job is kept under `<results-dir>/<run>/`; a failed layout is reported, not lost.
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from megatron_mxn.configs import load_config
-from megatron_mxn.launch import free_port
+from megatron_mxn.megatron_lm.run_configs import load_config
+from megatron_mxn.cpu.launch import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +124,9 @@ def spread(values: List[float]) -> dict:
 
 
 def _kib(x: float) -> str:
-    return f"{x / 1024:.1f} KiB" if x < 1024 ** 2 else f"{x / 1024 ** 2:.2f} MiB"
+    from megatron_mxn.analysis.accounting import format_bytes  # (imports torch: not at start-up)
+
+    return format_bytes(x, smallest="KiB")
 
 
 def model_table(model: str, reports: Dict[str, Optional[dict]]) -> List[str]:
@@ -265,7 +267,7 @@ def main(argv=None) -> int:
         for name in args.layouts:
             report_path = model_dir / f"{name}.json"
             report_path.unlink(missing_ok=True)
-            cmd = launcher.command(["-m", "megatron_mxn.generate", "--config", cfg_path,
+            cmd = launcher.command(["-m", "megatron_mxn.inference.generate", "--config", cfg_path,
                                     "--layout", name, "--load", str(ckpt),
                                     "--repeats", str(args.repeats),
                                     "--output-json", str(report_path), *args.generate_extra])

@@ -20,10 +20,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_mxn.comm import all_reduce_sum
-from megatron_mxn.random import head_group_rng_fork
-from megatron_mxn.parallel_state import grid_groups_of
-from megatron_mxn.schedules import ScoreShape, choose, schedule_bytes
+from megatron_mxn.attention.collectives import all_reduce_sum
+from megatron_mxn.grid.rng import head_group_rng_fork
+from megatron_mxn.grid.groups import grid_groups_of
+from megatron_mxn.attention.schedules import ScoreShape, choose, schedule_bytes
 
 
 class MxnDotProductAttention(DotProductAttention):

@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mxn.attention.schedules import sent_bytes
+
 # torch.distributed function -> (op, position and name of the argument holding the full tensor)
 _COLLECTIVES = {
     "all_reduce": ("all_reduce", 0, "tensor"),
@@ -48,14 +50,7 @@ class CommRecord:
     @property
     def sent_bytes(self) -> float:
         """Bytes each rank sends for this call (ring algorithms)."""
-        g, s = self.group_size, self.payload_bytes
-        if g <= 1:
-            return 0.0
-        if self.op == "all_reduce":
-            return 2 * (g - 1) / g * s
-        if self.op in ("all_gather", "reduce_scatter", "all_to_all"):
-            return (g - 1) / g * s
-        return float(s)  # send, broadcast (root's view)
+        return sent_bytes(self.op, self.payload_bytes, self.group_size)
 
 
 def _nbytes(t) -> int:
@@ -207,3 +202,40 @@ def counts_table(counts: Dict[CommRecord, float], per: float = 1.0) -> str:
                      f"| {r.op} | {r.payload_bytes} | {calls / per:g} | "
                      f"{r.sent_bytes * calls / per:.0f} |")
     return "\n".join(lines)
+
+
+# (label, ProcessGroupCollection field) of the groups CommCounter names, first match wins
+GROUP_LABELS = (("TP", "tp"), ("dim-slice", None), ("head-group", None), ("KV-share", None),
+                ("PP", "pp"),
+                ("DP", "dp"), ("DP+CP", "dp_cp"), ("MP", "mp"), ("EP", "ep"),
+                ("TPxEP", "tp_ep"), ("expert-TP", "expt_tp"), ("expert-DP", "expt_dp"),
+                ("embedding", "embd"))
+
+
+def group_labels() -> dict:
+    """Names of megatron's and the grid's process groups (after initialization), for
+    CommCounter: the same names in the training log, generation reports and the cost model."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_mxn.grid.groups import get_grid, mxn_parallel_is_initialized
+
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    grid = get_grid() if mxn_parallel_is_initialized() else None
+    found = grid.labels() if grid else {}
+    labels = {}
+    for name, field in GROUP_LABELS:
+        group = found.get(name) if field is None else getattr(pgs, field, None)
+        if group is not None:
+            labels[name] = group
+    return labels
+
+
+def format_bytes(x: float, digits: int = 2, smallest: str = "B") -> str:
+    """Bytes in binary units, starting at `smallest` (whole bytes, `digits` decimals above)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    first = units.index(smallest)
+    x /= 1024 ** first
+    for unit in units[first:]:
+        if abs(x) < 1024 or unit == units[-1]:
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.{digits}f} {unit}"
+        x /= 1024

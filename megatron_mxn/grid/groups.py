@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_mxn.layout import MxnConfigError
+from megatron_mxn.grid.layout import MxnConfigError
 
 
 @dataclass(frozen=True)

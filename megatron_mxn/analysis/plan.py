@@ -1,9 +1,9 @@
-"""Which layout wins, before renting the GPUs: `python -m megatron_mxn.plan --config X.yaml`.
+"""Which layout wins, before renting the GPUs: `python -m megatron_mxn.analysis.plan --config X.yaml`.
 
 Enumerates every layout of the cluster's GPUs that the model allows (TP x PP x DP, and grid
 n x m x PP x DP with the exact, gather and auto schedules; the baseline TP=8 PP=2 is always
 shown), and predicts per rank: weight, activation and KV-cache memory, bytes sent per layer on
-intra-node and inter-node links (megatron_mxn.cost_model: exact for dense models, checked
+intra-node and inter-node links (megatron_mxn.analysis.cost_model: exact for dense models, checked
 against measurement), and the time of a step from a roofline per layer (matmul FLOP/s vs HBM
 bandwidth) plus alpha-beta collectives, the pipeline's micro-batch slots per step and, for
 training, the data-parallel gradient all-reduce. Markdown on stdout; `--out PREFIX`
@@ -21,9 +21,9 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from megatron_mxn.accounting import CommRecord
-from megatron_mxn.configs import load_config
-from megatron_mxn.cost_model import (
+from megatron_mxn.analysis.accounting import CommRecord, format_bytes
+from megatron_mxn.megatron_lm.run_configs import load_config
+from megatron_mxn.analysis.cost_model import (
     Layout,
     ModelShape,
     check_layout,
@@ -35,8 +35,8 @@ from megatron_mxn.cost_model import (
     step_collectives,
     weight_bytes,
 )
-from megatron_mxn.layout import MxnConfigError
-from megatron_mxn.schedules import ScoreShape, choose
+from megatron_mxn.grid.layout import MxnConfigError
+from megatron_mxn.attention.schedules import ScoreShape, choose
 
 
 @dataclass(frozen=True)
@@ -316,7 +316,7 @@ def plan(model: ModelShape, cluster: Cluster, work: Workload,
 
 
 def _mib(x: float) -> str:
-    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.2f} MiB"
+    return format_bytes(x, smallest="MiB")
 
 
 def why(rows: List[dict], work: Workload) -> str:
@@ -426,7 +426,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="assume prefill in chunks of this many tokens, as megatron-core's "
-                        "dynamic inference engine does (megatron_mxn.generate prefills the "
+                        "dynamic inference engine does (megatron_mxn.inference.generate prefills the "
                         "whole prompt at once: the default)")
     p.add_argument("--gpus", type=int, default=None, help="override the cluster's GPU count")
     p.add_argument("--top", type=int, default=12, help="rows shown (the baseline always)")

@@ -1,6 +1,6 @@
 """Batched greedy generation from a Megatron checkpoint under a grid x PP or TP x PP layout.
 
-    torchrun --nproc-per-node 4 -m megatron_mxn.generate --load CKPT [Megatron model flags]
+    torchrun --nproc-per-node 4 -m megatron_mxn.inference.generate --load CKPT [Megatron model flags]
         [--mxn-head-groups N --mxn-dim-slices M | --tensor-model-parallel-size T]
         [--pipeline-model-parallel-size P] --batch-size B --prompt-length L --max-new-tokens K
 
@@ -42,7 +42,7 @@ _g.add_argument("--prompt-seed", type=int, default=1234, help="seed of the rando
 
 def split_argv(argv: List[str]):
     """(generation options, remaining Megatron argv), after expanding --config/--layout."""
-    from megatron_mxn.configs import expand_config_args, megatron_option_strings
+    from megatron_mxn.megatron_lm.run_configs import expand_config_args, megatron_option_strings
     from megatron_mxn.megatron_lm import add_mxn_args
 
     known = megatron_option_strings(add_mxn_args)
@@ -53,7 +53,7 @@ def split_argv(argv: List[str]):
 
 def check_request(gen, args) -> None:
     """Bad requests fail here, identically on every rank, before any collective."""
-    from megatron_mxn.layout import MxnConfigError
+    from megatron_mxn.grid.layout import MxnConfigError
     from megatron_mxn.megatron_lm import check_checkpoint_args
 
     for name in ("batch_size", "max_new_tokens", "prompt_length", "repeats"):
@@ -86,7 +86,7 @@ def read_prompts(gen, args, tokenizer_fn):
     """[batch, length] prompt token ids, identical on every rank."""
     import torch
 
-    from megatron_mxn.layout import MxnConfigError
+    from megatron_mxn.grid.layout import MxnConfigError
 
     if gen.prompts_file is None:
         vocab = args.padded_vocab_size if args.padded_vocab_size else 1024
@@ -147,21 +147,22 @@ def run(gen, args, cpu: bool):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.initialize import initialize_megatron
+    from megatron.core.utils import unwrap_model
     from megatron.training.models.gpt import GPTModelBuilder
 
-    from megatron_mxn.accounting import (
+    from megatron_mxn.analysis.accounting import (
         CommCounter,
         bytes_by_layer,
         count_rows,
+        group_labels,
         sent_bytes_by_group,
     )
-    from megatron_mxn.inference import generate, peak_memory_bytes, summarize
-    from megatron_mxn.megatron_lm import (
-        group_labels,
+    from megatron_mxn.inference.generation import generate, peak_memory_bytes, summarize
+    from megatron_mxn.megatron_lm.model_config import (
         initialize_grid_after_megatron,
         mxn_gpt_config_from_args,
     )
-    from megatron_mxn.parallel_state import mxn_parallel_is_initialized
+    from megatron_mxn.grid.groups import mxn_parallel_is_initialized
 
     initialize_megatron(allow_no_cuda=cpu)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
@@ -186,7 +187,7 @@ def run(gen, args, cpu: bool):
     if gen.warmup_steps:
         generate(model, prompt, min(gen.warmup_steps, gen.max_new_tokens), pgs, micro)
 
-    layers = _unwrap(model).decoder.layers
+    layers = unwrap_model(model).decoder.layers
     last_rank = dist.get_world_size() - 1
 
     def progress(step, repeat):
@@ -287,7 +288,7 @@ def _print_comm(per_step, decode, layers: int, decode_steps: int, layer_bytes) -
     and the bytes each layer sent by group over the whole generation."""
     import torch.distributed as dist
 
-    from megatron_mxn.accounting import counts_table as table
+    from megatron_mxn.analysis.accounting import counts_table as table
 
     for rank in range(dist.get_world_size()):
         if rank == dist.get_rank():
@@ -318,21 +319,9 @@ def _max_by_key(dicts) -> dict:
     return dict(sorted(out.items()))
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def _fmt_bytes(x: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(x) < 1024 or unit == "TiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.2f} {unit}"
-        x /= 1024
-    return str(x)
-
-
 def format_report(r: dict) -> str:
+    from megatron_mxn.analysis.accounting import format_bytes as _fmt_bytes
+
     w = r["workload"]
     ms = 1000.0
     comm = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in

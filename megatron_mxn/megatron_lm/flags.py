@@ -1,0 +1,117 @@
+"""The `--mxn-*` flags: Megatron's `extra_args_provider`, and the replace/alongside-TP rule that
+turns them into Megatron's `--tensor-model-parallel-size` before Megatron validates its args."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+from megatron_mxn.attention.schedules import SCHEDULES as ATTENTION_SCHEDULES
+from megatron_mxn.grid.layout import MxnConfigError
+from megatron_mxn.megatron_lm.training_log import log_training_comm, record_metrics
+
+
+def add_mxn_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron `extra_args_provider`: adds the grid flags and resolves them into
+    `--tensor-model-parallel-size` as part of parsing, so Megatron's validation and
+    initialization see the grid's TP size."""
+    group = parser.add_argument_group("megatron_mxn", "head-group x dim-slice grid attention")
+    group.add_argument("--mxn-head-groups", type=int, default=None, metavar="N",
+                       help="n: attention head groups. With --mxn-dim-slices M the TP size "
+                            "becomes N*M (the grid replaces TP).")
+    group.add_argument("--mxn-dim-slices", type=int, default=None, metavar="M",
+                       help="m: slices of every head's dims. Alongside "
+                            "--tensor-model-parallel-size T it gives N = T/M head groups.")
+    group.add_argument("--mxn-attention", choices=ATTENTION_SCHEDULES, default="exact",
+                       help="how the grid computes attention. exact (default): partial-score "
+                            "all-reduce over the dim-slice group; gather: all-gather of the "
+                            "Q/K slices; auto (recommended): per phase and shape the one of "
+                            "those two sending fewer bytes. All three compute standard "
+                            "attention. sliced: the seed paper's per-slice softmax, a "
+                            "DIFFERENT model (h*m heads of d/m dims), never equivalent to "
+                            "exact; checkpoints record it and do not mix with exact ones.")
+    group.add_argument("--mxn-log-comm", action="store_true",
+                       help="count every collective (op, group, bytes, calls) and print a "
+                            "per-layer, per-step table (generation) or per-iteration bytes "
+                            "per group (training)")
+    group.add_argument("--mxn-metrics-file", default=None, metavar="PATH",
+                       help="append each iteration's lm loss, grad norm, loss scale and "
+                            "learning rate, at full precision, as JSON lines (for A/B "
+                            "comparisons; Megatron's log rounds and averages them)")
+    _resolve_after_parsing(parser)
+    return parser
+
+
+def with_mxn_args(provider=None):
+    """An `extra_args_provider` adding the grid flags after `provider`'s own (if any)."""
+
+    def both(parser):
+        return add_mxn_args(provider(parser) if provider is not None else parser)
+
+    return both
+
+
+def _resolve_after_parsing(parser: argparse.ArgumentParser) -> None:
+    """argparse's parse_args goes through parse_known_args: resolve the grid flags there."""
+    original = parser.parse_known_args
+
+    def parse_known_args(*args, **kwargs):
+        namespace, rest = original(*args, **kwargs)
+        return resolve_mxn_args(namespace), rest
+
+    parser.parse_known_args = parse_known_args
+
+
+def resolve_mxn_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply the replace/alongside rule (identically on every rank, before any collective).
+
+    * `--mxn-head-groups N --mxn-dim-slices M`: TP becomes N*M ("replace TP").
+    * `--tensor-model-parallel-size T --mxn-dim-slices M`: N = T/M ("alongside TP").
+    * neither: no grid (plain TP, megatron-core's attention).
+    A `--tensor-model-parallel-size` of 1 counts as not given. With `--mxn-metrics-file`,
+    per-iteration metrics recording starts here too (so every entry point gets it).
+    """
+    if getattr(args, "mxn_metrics_file", None):
+        record_metrics(args.mxn_metrics_file)
+    if getattr(args, "mxn_log_comm", False):
+        log_training_comm(args.log_interval)
+    n, m, tp = args.mxn_head_groups, args.mxn_dim_slices, args.tensor_model_parallel_size
+    for flag, value in (("--mxn-head-groups", n), ("--mxn-dim-slices", m)):
+        if value is not None and value < 1:
+            raise MxnConfigError(f"{flag} must be >= 1, got {value}")
+    if n is None and m is None:
+        args.mxn_head_groups, args.mxn_dim_slices = tp, 1
+        return args
+    if m is None:
+        m = 1
+    if n is None:
+        if tp == 1:
+            raise MxnConfigError(
+                "--mxn-dim-slices needs --mxn-head-groups (grid replaces TP) or "
+                "--tensor-model-parallel-size (grid alongside TP)")
+        if tp % m:
+            raise MxnConfigError(f"--tensor-model-parallel-size ({tp}) must be divisible by "
+                                 f"--mxn-dim-slices ({m})")
+        n = tp // m
+    elif tp not in (1, n * m):
+        raise MxnConfigError(
+            f"--tensor-model-parallel-size ({tp}) contradicts --mxn-head-groups {n} x "
+            f"--mxn-dim-slices {m} = {n * m}; give the grid or the TP size, not both")
+    args.mxn_head_groups, args.mxn_dim_slices = n, m
+    args.tensor_model_parallel_size = n * m
+    if m > 1 and getattr(args, "context_parallel_size", 1) > 1:
+        raise MxnConfigError("context parallelism cannot be combined with --mxn-dim-slices > 1")
+    if getattr(args, "mxn_attention", "exact") == "sliced" and m > 1 and \
+            os.environ.get("RANK", "0") == "0":
+        print(f"> mxn WARNING: --mxn-attention sliced is the seed paper's per-slice softmax, a "
+              f"different model from standard attention ({args.num_attention_heads} x {m} "
+              f"heads of kv_channels/{m} dims); it is not equivalent to TP or the exact grid "
+              "and its checkpoints do not load into them", flush=True)
+    if getattr(args, "transformer_impl", None) == "transformer_engine" and not _have_te():
+        args.transformer_impl = "local"  # FP16/BF16 linears from megatron-core instead
+    return args
+
+
+def _have_te() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
