@@ -10,7 +10,7 @@ from megatron_mxn.analysis.accounting import count_rows
 from megatron_mxn.megatron_lm.run_configs import load_config
 from megatron_mxn.analysis.cost_model import ModelShape, kv_cache_bytes, step_collectives, weight_bytes
 from megatron_mxn.analysis.plan import config_layouts
-from tests.launch import REPO, run_ranks_apart
+from tests.launch import REPO, run_ranks_apart, torchrun
 
 CPU_DENSE = str(REPO / "configs" / "cpu_dense.yaml")
 LAYOUT_NAMES = ["TP=2 PP=2", "grid 2x2", "TP=4"]
@@ -98,3 +98,18 @@ def test_generate_refuses_unknown_config_key(tmp_path):
     assert run.returncode != 0
     assert "unknown config key 'batch-sise' in" in run.rank_logs[0]
     assert "did you mean 'batch-size'?" in run.rank_logs[0]
+
+
+def test_generation_job_exits_cleanly_every_time(cpu_dense_checkpoint, tmp_path):
+    """Issue 8: a rank that exits with live gloo groups can abort in interpreter shutdown
+    after a successful run (one run in a few); every run must exit 0 with its report."""
+    for k in range(5):
+        report = tmp_path / f"grid{k}.json"
+        run = torchrun("scripts/generate_mxn.py", 4, [
+            "--config", CPU_DENSE, "--layout", "grid", "--load", str(cpu_dense_checkpoint),
+            "--max-new-tokens", "2", "--repeats", "1", "--warmup-steps", "0",
+            "--output-json", str(report)], tmp_path / f"run{k}", timeout=180, metrics=False)
+        logs = "".join(run.rank_logs.values())
+        assert run.returncode == 0, (k, run.output[-3000:], logs[-3000:])
+        assert "terminate called" not in logs, k
+        assert json.loads(report.read_text())["layout"]["name"] == "grid 2x2"

@@ -32,8 +32,10 @@ def _rank_main(rank: int, world: int, port: int, fn, args, results) -> None:
 
         megatron_mxn.cpu.enable()
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-        results.put((rank, True, fn(*args)))
-        torch.distributed.destroy_process_group()
+        from megatron_mxn.grid.groups import clean_shutdown
+
+        with clean_shutdown():  # (every group destroyed before the process exits)
+            results.put((rank, True, fn(*args)))
     except BaseException:  # noqa: BLE001  (reported to the launcher)
         results.put((rank, False, traceback.format_exc()))
 

@@ -8,6 +8,8 @@ the per-token score all-reduce), the head-group group holds ranks (0..n-1, j).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import List, Mapping, Optional
@@ -174,12 +176,51 @@ def destroy_mxn_parallel(destroy_model_parallel: bool = False) -> None:
     if destroy_model_parallel:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
+        _drop_leftover_megatron_groups()
         groups += _MEGATRON_GROUPS
         _MEGATRON_GROUPS.clear()
     live = set(_all_groups())
     for group in groups:
         if group in live:
             dist.destroy_process_group(group)
+
+
+def _drop_leftover_megatron_groups() -> None:
+    """Forget the groups megatron's destroy_model_parallel leaves in parallel_state (0.19.2 keeps
+    _INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP and its _GLOO twin): a group object still referenced
+    keeps its gloo threads, which then end only while Python shuts down."""
+    for name, value in list(vars(parallel_state).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(parallel_state, name, None)
+
+
+def destroy_all_process_groups() -> None:
+    """Destroy the grid's, megatron's and torch.distributed's process groups (a no-op before
+    torch.distributed is initialized), so that their worker threads end now."""
+    destroy_mxn_parallel(destroy_model_parallel=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # (groups still held by reference cycles, e.g. modules, go too)
+
+
+@contextlib.contextmanager
+def clean_shutdown():
+    """Run an entry point's body, then destroy every process group while Python is fully alive.
+
+    Left to interpreter exit, a gloo worker thread may still be releasing the last collective
+    it ran; freeing that work's tensors takes the GIL, which a finalizing Python answers with
+    pthread_exit, and that unwind through C++ ends in std::terminate ("terminate called without
+    an active exception", SIGABRT) on some rank of a run that succeeded.
+
+    Groups are destroyed on success, on SystemExit (megatron's deliberate exits) and on
+    MxnConfigError (raised alike on every rank). After any other error this rank may have failed
+    alone while its peers sit in a collective; destroying could wait for them, so it exits now."""
+    try:
+        yield
+    except (SystemExit, MxnConfigError):
+        destroy_all_process_groups()
+        raise
+    destroy_all_process_groups()
 
 
 def mxn_parallel_is_initialized() -> bool:

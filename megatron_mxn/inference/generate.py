@@ -131,12 +131,15 @@ def main(argv=None) -> None:
         args_defaults={"no_load_rng": True, "no_load_optim": True, "micro_batch_size": 1,
                        "exit_on_missing_checkpoint": True, "tokenizer_type": "NullTokenizer"})
     check_request(gen, args)
-    report = run(gen, args, cpu)
-    if report is not None:
-        print(format_report(report), flush=True)
-        if gen.output_json:
-            with open(gen.output_json, "w") as f:
-                json.dump(report, f, indent=1)
+    from megatron_mxn.grid.groups import clean_shutdown
+
+    with clean_shutdown():  # (process groups destroyed before Python exits)
+        report = run(gen, args, cpu)
+        if report is not None:
+            print(format_report(report), flush=True)
+            if gen.output_json:
+                with open(gen.output_json, "w") as f:
+                    json.dump(report, f, indent=1)
 
 
 def run(gen, args, cpu: bool):

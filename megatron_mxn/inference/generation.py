@@ -73,7 +73,7 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
     context = StaticInferenceContext(b, s + new_tokens)
     out = Generation(tokens=torch.empty(b, new_tokens if last else 0, dtype=torch.long))
     inputs = list(prompt.split(mb)) if first else []
-    sends: List = []  # (request, tensor) of in-flight sends
+    sends = _Sends(micro_batches)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
     _sync()
@@ -108,9 +108,7 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
                 model.set_input_tensor(hidden)
             output = model(ids, positions, None, inference_context=context)
             if not last:
-                hidden_out = output.contiguous()
-                sends.append((dist.isend(hidden_out, pp_ranks[stage + 1], group=pgs.pp),
-                              hidden_out))
+                sends.start(i, output.contiguous(), pp_ranks[stage + 1], pgs.pp)
                 continue
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(
                 output[:, -1].contiguous(), group=pgs.tp).float()
@@ -119,16 +117,39 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
             if keep_logits:
                 logits_step.append(logits.cpu())
             if stages > 1 and step + 1 < new_tokens:
-                sends.append((dist.isend(token, pp_ranks[0], group=pgs.pp), token))
+                sends.start(i, token, pp_ranks[0], pgs.pp)
         if keep_logits and last:
             out.step_logits.append(torch.cat(logits_step))
         context.sequence_len_offset += seq
         _sync()
         out.step_end_s.append(time.perf_counter() - start)
-    for request, _ in sends:  # (the tensors stay referenced until their send completes)
-        request.wait()
+    sends.wait_all()
     out.kv_cache_bytes = kv_cache_bytes(context)
     return out
+
+
+class _Sends:
+    """This stage's in-flight isend of each micro-batch (hidden states to the next stage, or
+    the last stage's tokens to the first). A micro-batch's send of one step is waited right
+    before its send of the next step: its receiver consumed it before this stage could get
+    that micro-batch again, so the wait returns at once and the pipeline keeps overlapping,
+    while at most one tensor per micro-batch stays referenced (not one per step)."""
+
+    def __init__(self, micro_batches: int):
+        self.pending: List[Optional[tuple]] = [None] * micro_batches  # (request, tensor)
+
+    def start(self, i: int, tensor: torch.Tensor, dst: int, group) -> None:
+        self.wait(i)
+        self.pending[i] = (dist.isend(tensor, dst, group=group), tensor)
+
+    def wait(self, i: int) -> None:
+        if self.pending[i] is not None:
+            self.pending[i][0].wait()
+            self.pending[i] = None
+
+    def wait_all(self) -> None:
+        for i in range(len(self.pending)):
+            self.wait(i)
 
 
 def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, tp_group,

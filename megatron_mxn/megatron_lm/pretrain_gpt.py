@@ -48,6 +48,7 @@ from megatron_mxn.megatron_lm import (  # noqa: E402
     check_checkpoint_args,
     mxn_gpt_config_from_args,
 )
+from megatron_mxn.grid.groups import clean_shutdown  # noqa: E402
 
 FIELDS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
@@ -133,8 +134,10 @@ def main():
                                    args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     check_checkpoint_args(args)  # before any collective: shape and attention model
     model_cfg = mxn_gpt_config_from_args(args)
-    pretrain(pretrain_cfg_container_from_args(args, model_cfg),
-             train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
+    # Megatron's pretrain() leaves its process groups alive; they go before Python exits.
+    with clean_shutdown():
+        pretrain(pretrain_cfg_container_from_args(args, model_cfg),
+                 train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
 
 
 if __name__ == "__main__":

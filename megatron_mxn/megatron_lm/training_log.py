@@ -45,11 +45,11 @@ def log_training_comm(interval: int) -> None:
     original = training.train_step
     if getattr(original, "mxn_log_comm", False):
         return
-    state = {"counts": None, "iterations": 0, "labels": None}
+    state = {"counts": None, "iterations": 0}
 
     def train_step(*args, **kwargs):
-        state["labels"] = state["labels"] or group_labels()  # groups exist by now
-        with CommCounter(state["labels"]) as counter:
+        # (looked up each step, not kept: a kept group would outlive destroy_process_group)
+        with CommCounter(group_labels()) as counter:
             result = original(*args, **kwargs)
         if state["counts"] is None:
             state["counts"] = counter.counts
