@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 from megatron_mxn.megatron_lm.run_configs import load_config
 from megatron_mxn.cpu.launch import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # (megatron_mxn/analysis/ab_compare.py)
 
 # (key in a generate report's per-repeat entry, column title, scale, unit, better)
 METRICS = [
