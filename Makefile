@@ -6,7 +6,7 @@ PYTHON ?= $(shell scripts/find_python.sh)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements-ci.txt setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: demo test ab plan venv clean
+.PHONY: demo test ab plan bench-attention gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ ab: $(STAMP)
 
 plan: $(STAMP)
 	$(PY) -m megatron_mxn.analysis.plan --config configs/paper_dense.yaml
+
+bench-attention: $(STAMP)
+	$(PY) scripts/bench_attention.py
+
+gpu-check: $(STAMP)
+	PYTHON=$(PY) bash scripts/gpu_check.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -24,7 +24,8 @@ def test_plan_shows_baseline_and_config_layouts_and_explains_the_winner(capsys):
     out = capsys.readouterr().out
     assert "TP=8 PP=2 (baseline)" in out
     for name in ("grid 4x4 exact (config: grid)", "grid 4x4 gather (config: grid)",
-                 "grid 4x4 auto (config: grid)", "TP=16 (config: tp)"):
+                 "grid 4x4 seq (config: grid)", "grid 4x4 auto (config: grid)",
+                 "TP=16 (config: tp)"):
         assert name in out
     assert " wins (" in out and "mainly on" in out
 

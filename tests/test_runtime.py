@@ -10,6 +10,8 @@ from tests.cases import runtime
     (1, 4, {"kv_heads": 1}),
     (4, 1, {}),  # n > g with m = 1: megatron-core's attention (TP=4 > g=2)
     (2, 2, {"kv_heads": 1}),  # n > g on the grid: the KV head's slice gathered by 2 groups
+    (2, 2, {"schedule": "auto"}),  # prefill with the sequence-split core, then decode
+    (1, 4, {"schedule": "seq", "kv_heads": 1}),  # seq also for decode (chunks mostly empty)
     (2, 2, {"qk_norm": "RMSNorm", "interleaved": True}),
 ])
 def test_decode_with_kv_cache_matches_tp1(pool4, tmp_path, n, m, extra):

@@ -36,7 +36,7 @@ from megatron_mxn.analysis.cost_model import (
     weight_bytes,
 )
 from megatron_mxn.grid.layout import MxnConfigError
-from megatron_mxn.attention.schedules import ScoreShape, choose
+from megatron_mxn.attention.schedules import ScoreShape, choose, score_memory_bytes
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ def divisors(x: int) -> List[int]:
     return [d for d in range(1, x + 1) if x % d == 0]
 
 
+GRID_SCHEDULES = ("exact", "gather", "seq", "auto")  # the planner's choices for a grid
+
+
 def candidate_layouts(model: ModelShape, gpus: int) -> List[Layout]:
     """Every TP x PP x DP and grid n x m x PP x DP (each schedule) the rules allow."""
     out = []
@@ -109,7 +112,7 @@ def candidate_layouts(model: ModelShape, gpus: int) -> List[Layout]:
             dp = gpus // (pp * tp)
             expert = _expert_layout(model, tp * dp)
             for m in divisors(tp):
-                for schedule in (("exact",) if m == 1 else ("exact", "gather", "auto")):
+                for schedule in (("exact",) if m == 1 else GRID_SCHEDULES):
                     layout = Layout(tp=tp, pp=pp, dp=dp, dim_slices=m, schedule=schedule,
                                     **expert)
                     try:
@@ -168,19 +171,29 @@ def layer_time(model: ModelShape, layout: Layout, cluster: Cluster, mb: int, sq:
     schedule = "exact"
     if m > 1:
         schedule = choose(layout.schedule, ScoreShape(mb, heads, kvh, sq, sk, d_local, m, e))
-    d_scores = model.head_dim if schedule == "gather" else d_local
+    d_scores = model.head_dim if schedule == "gather" else d_local  # (seq: all d, 1/m of sq)
     layer_w = layer_weight_bytes(model, layout)
     active = layer_w
     if model.experts:  # only topk of the experts work per token
         active = layer_w * min(1.0, model.topk / model.experts * layout.ep)
     flops = 2 * mb * sq * active / e + 2 * mb * heads * sq * sk * (d_scores + d_local)
-    hbm = active + 2 * mb * sk * kvh * d_local * e + 2 * mb * heads * sq * sk * 4
+    scores = 0 if schedule == "seq" else 2 * mb * heads * sq * sk * 4  # (fused: on chip)
+    hbm = active + 2 * mb * sk * kvh * d_local * e + scores
     compute = max(flops / (cluster.flops * cluster.efficiency),
                   hbm / (cluster.hbm_bw * cluster.efficiency)) + cluster.layer_overhead
     records = dict(layer_collectives(model, layout, mb, sq, sk))
     records.update(_moe_collectives(model, layout, mb * sq))
     comm = comm_time(records, layout, cluster)
     return {"compute_s": compute, **comm, "schedule": schedule}
+
+
+def _core_memory(model: ModelShape, layout: Layout, mb: int, sq: int, sk: int) -> int:
+    """Activations of one attention core call per rank (attention.schedules)."""
+    m = layout.dim_slices
+    shape = ScoreShape(mb, heads_per_rank(model, layout), kv_heads_per_rank(model, layout), sq, sk,
+                       model.head_dim // m, m, model.elem_bytes)
+    schedule = choose(layout.schedule, shape) if m > 1 else "exact"
+    return score_memory_bytes(schedule, shape)
 
 
 def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload) -> dict:
@@ -200,8 +213,9 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
         heads = heads_per_rank(model, layout)
         chunk = min(work.prefill_chunk or work.prompt, work.prompt)
         chunks = -(-work.prompt // chunk)
-        # fp32 scores and probabilities of one prefill chunk, plus a few hidden-size buffers
-        row["act_B"] = (2 * mb * heads * chunk * work.prompt * 4
+        # the attention core of one prefill chunk (score schedules: fp32 scores and
+        # probabilities), plus a few hidden-size buffers
+        row["act_B"] = (_core_memory(model, layout, mb, chunk, work.prompt)
                         + 4 * mb * chunk * model.hidden * model.elem_bytes)
         phases = {}
         for phase, sq, sk, times in (("prefill", chunk, (work.prompt + chunk) // 2, chunks),
@@ -235,9 +249,12 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
         row["kv_B"] = 0
         heads = heads_per_rank(model, layout)
         # Korthikanti et al. 2022 (sbh(34 + 5as/h) per layer), with TP-split linears and the
-        # grid's fp32 scores of h/n heads
-        row["act_B"] = layers * work.micro_batch * work.seq * (
-            34 * model.hidden // layout.tp + (4 + model.elem_bytes + 1) * heads * work.seq)
+        # grid's fp32 scores of h/n heads (the sequence-split core: its O(s) buffers instead)
+        tokens = work.micro_batch * work.seq
+        scores = (4 + model.elem_bytes + 1) * heads * work.seq * tokens
+        if t["schedule"] == "seq":
+            scores = _core_memory(model, layout, work.micro_batch, work.seq, work.seq)
+        row["act_B"] = layers * (tokens * 34 * model.hidden // layout.tp + scores)
         row["opt_B"] = params * 16  # fp32 grads, master weights and two Adam moments
         per_micro = layers * 3 * (t["compute_s"]) + layers * 2 * (t["intra_s"] + t["inter_s"])
         dp_records = {}
@@ -280,7 +297,7 @@ def config_layouts(cfg: dict, gpus: int) -> Dict[str, List[Layout]]:
             f.get("mxn-head-groups") or 1) * m
         pp = int(f.get("pipeline-model-parallel-size") or 1)
         schedules = [f["mxn-attention"]] if "mxn-attention" in f else (
-            ["exact", "gather", "auto"] if m > 1 else ["exact"])
+            list(GRID_SCHEDULES) if m > 1 else ["exact"])
         out[name] = [Layout(tp=tp, pp=pp, dp=max(gpus // (tp * pp), 1), dim_slices=m,
                             schedule=sc) for sc in schedules]
     return out

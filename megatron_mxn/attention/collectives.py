@@ -36,3 +36,31 @@ def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     if group is None or dist.get_world_size(group) == 1:
         return x
     return _AllReduceSum.apply(x.contiguous(), group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Exchange rows (dim 0) over `group`: block r of the input goes to rank r, and block r of
+    the output comes from rank r, with the given row counts. Backward: the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, group, send_rows, recv_rows):
+        ctx.group, ctx.send_rows, ctx.recv_rows = group, send_rows, recv_rows
+        return _exchange(x, group, send_rows, recv_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exchange(grad, ctx.group, ctx.recv_rows, ctx.send_rows), None, None, None
+
+
+def _exchange(x, group, send_rows, recv_rows):
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_rows), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=list(recv_rows),
+                           input_split_sizes=list(send_rows), group=group)
+    return out
+
+
+def all_to_all_rows(x: torch.Tensor, group: dist.ProcessGroup, send_rows, recv_rows):
+    """Differentiable all-to-all of row blocks (`send_rows[r]` rows of x go to rank r;
+    `recv_rows[r]` rows come from rank r, in rank order)."""
+    return _AllToAll.apply(x, group, tuple(send_rows), tuple(recv_rows))

@@ -25,8 +25,9 @@ class MxnTransformerConfig(TransformerConfig):
 
     mxn_attention: str = "exact"
     """How the grid computes attention (megatron_mxn.attention.schedules): exact (partial-score
-    all-reduce), gather (all-gather of the Q/K slices), auto (the cheaper of the two per call,
-    by the cost model), or sliced (the seed paper's per-slice softmax: a different model)."""
+    all-reduce), gather (all-gather of the Q/K slices), seq (the sequence-split core: fused
+    kernel, O(s) memory), auto (per call: seq for training and prefill, the cheaper score
+    schedule for decode), or sliced (the seed paper's per-slice softmax: a different model)."""
 
     def __post_init__(self):
         from megatron_mxn.attention.schedules import SCHEDULES

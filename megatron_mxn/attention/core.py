@@ -9,6 +9,7 @@ masking, and P_i V_ij is local: the output holds dims j of heads i.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Optional
 
@@ -18,9 +19,12 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_mxn.attention import kernels
 from megatron_mxn.attention.collectives import all_reduce_sum
+from megatron_mxn.attention.seq_split import seq_split_attention
 from megatron_mxn.grid.rng import head_group_rng_fork
 from megatron_mxn.grid.groups import grid_groups_of
 from megatron_mxn.attention.schedules import ScoreShape, choose, schedule_bytes
@@ -61,10 +65,10 @@ class MxnDotProductAttention(DotProductAttention):
                     self.decisions[-1][3] != chosen:
                 self.decisions.append((phase, shape.sq, shape.sk, chosen))
                 if self.layer_number == 1 and dist.get_rank() == 0:
+                    sends = ", ".join(f"{name} {schedule_bytes(name, shape):.0f} B"
+                                      for name in ("exact", "gather", "seq"))
                     print(f"[mxn] auto attention, {phase} (sq={shape.sq}, sk={shape.sk}): "
-                          f"{chosen} (per layer and rank: exact sends "
-                          f"{schedule_bytes('exact', shape):.0f} B, gather "
-                          f"{schedule_bytes('gather', shape):.0f} B)", flush=True)
+                          f"{chosen} (per layer and rank it sends: {sends})", flush=True)
         return chosen
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
@@ -78,6 +82,9 @@ class MxnDotProductAttention(DotProductAttention):
         sk = key.size(0)
         schedule = self._resolve(ScoreShape(b, heads, key.size(2), sq, sk, dl, self.dim_slices,
                                             query.element_size()))
+        if schedule in ("seq", "sliced"):
+            return self._fused(schedule, query, key, value, attention_mask,
+                               attn_mask_type or self.attn_mask_type)
         if schedule == "gather":  # the full head dims of Q and K (in the same dim order)
             query = all_gather_last_dim_from_tensor_parallel_region(
                 query.contiguous(), group=self.dim_slice_group)
@@ -107,3 +114,27 @@ class MxnDotProductAttention(DotProductAttention):
         v = value.permute(1, 2, 0, 3).reshape(b * heads, sk, dl)
         context = torch.bmm(probs.view(b * heads, sq, sk), v)
         return context.view(b, heads, sq, dl).permute(2, 0, 1, 3).reshape(sq, b, heads * dl)
+
+    def _fused(self, schedule, query, key, value, attention_mask, mask_type):
+        """The fused-kernel schedules: `seq` (the sequence-split core over the dim-slice group)
+        and `sliced` (each rank's own slice, no communication). A mask tensor is used as given
+        (True = masked out, cut to the local rows); a causal layer without one never builds an
+        s_q x s_k tensor."""
+        sq, b, heads, dl = query.shape
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        dropout = self.attention_dropout.p if self.training else 0.0
+        scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
+        # dropout from the per-rank stream: the ranks hold distinct rows (seq) or dims (sliced)
+        with get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
+            if schedule == "seq":
+                out = seq_split_attention(query, key, value, self.dim_slice_group, scale=scale,
+                                          causal=causal, padding_mask=attention_mask,
+                                          dropout_p=dropout)
+            else:
+                sk = key.size(0)
+                out = kernels.attention(
+                    query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                    value.permute(1, 2, 0, 3), scale=scale, causal=causal, q_offset=sk - sq,
+                    padding_mask=attention_mask, dropout_p=dropout).permute(2, 0, 1, 3)
+        return out.reshape(sq, b, heads * dl)
+

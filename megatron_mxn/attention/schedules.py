@@ -5,8 +5,12 @@ Rank (i, j) holds Q_ij [b, h/n, sq, d/m] and K_ij [b, g', sk, d/m] (g' = its KV 
 * exact:  S_i = sum_j Q_ij K_ij^T, an fp32 all-reduce of b*(h/n)*sq*sk scores over the m ranks.
 * gather: all-gather Q_i. and K_i. (their dims) over the m ranks and compute S_i locally; the
           backward of the all-gather is a reduce-scatter, which sums dQ/dK exactly.
-* auto:   per call, the exact schedule of the two that sends fewer bytes (prefill with long
-          prompts: gather; decode: exact), so the choice follows phase and shape.
+* seq:    the sequence-split core (attention/seq_split.py): all-to-all Q to [sq/m tokens, all
+          d dims], all-gather K and V (backward: reduce-scatter), a fused kernel on the local
+          queries, all-to-all O back. O(s) memory and 1/m of the head group's softmax per rank.
+* auto:   per call: `seq` when the queries fill the 2m chunks (training, prefill: it needs no
+          score matrix and repeats no softmax), else the one of exact/gather sending fewer
+          bytes (decode: exact), so the choice follows phase and shape.
 * sliced: the seed paper's per-slice softmax(Q_ij K_ij^T / sqrt(d/m)) V_ij: no score traffic,
           but h*m heads of size d/m, i.e. a different model than the checkpoint's.
 """
@@ -15,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("exact", "gather", "auto", "sliced")
-EXACT_SCHEDULES = ("exact", "gather", "auto")  # compute standard attention
+SCHEDULES = ("exact", "gather", "seq", "auto", "sliced")
+EXACT_SCHEDULES = ("exact", "gather", "seq", "auto")  # compute standard attention
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ def collectives(schedule: str, s: ScoreShape):
     if schedule == "gather":
         return [("all_gather", s.sq * s.batch * s.heads * s.slice_dim * m * s.elem_bytes),
                 ("all_gather", s.sk * s.batch * s.kv_heads * s.slice_dim * m * s.elem_bytes)]
+    if schedule == "seq":  # (all-to-all payload: the input, Q's and O's are the same size)
+        q = s.sq * s.batch * s.heads * s.slice_dim * s.elem_bytes
+        kv = s.sk * s.batch * s.kv_heads * s.slice_dim * m * s.elem_bytes
+        return [("all_to_all", q), ("all_gather", kv), ("all_gather", kv), ("all_to_all", q)]
     raise ValueError(f"no fixed collectives for schedule {schedule!r}")
 
 
@@ -64,8 +72,25 @@ def schedule_bytes(schedule: str, s: ScoreShape) -> float:
 
 
 def choose(schedule: str, s: ScoreShape) -> str:
-    """The schedule a call runs: `auto` resolves to the exact schedule sending fewer bytes
+    """The schedule a call runs. `auto`: `seq` once every one of the 2m chunks holds a query
+    (its memory is O(s) where the others hold the s_q x s_k scores, and it does 1/m of their
+    softmax work); shorter calls (decode) take the one of exact/gather sending fewer bytes
     (ties: exact, one collective instead of two)."""
     if schedule != "auto":
         return schedule
+    if s.dim_slices > 1 and s.sq >= 2 * s.dim_slices:
+        return "seq"
     return "gather" if schedule_bytes("gather", s) < schedule_bytes("exact", s) else "exact"
+
+
+def score_memory_bytes(schedule: str, s: ScoreShape) -> int:
+    """The attention core's largest activations per rank and call: the fp32 scores and
+    probabilities of the score schedules, O(s_q s_k); Q, K, V and O with the full head dim
+    for seq, O(s) (the fused kernel keeps no score matrix)."""
+    if schedule in ("exact", "gather"):
+        return 2 * s.batch * s.heads * s.sq * s.sk * 4
+    d = s.slice_dim * s.dim_slices
+    if schedule == "seq":
+        return (2 * s.sq // s.dim_slices * s.heads + 2 * s.sk * s.kv_heads) * s.batch * d * \
+            s.elem_bytes
+    return 4 * s.batch * (s.sq * s.heads + s.sk * s.kv_heads) * s.slice_dim * s.elem_bytes

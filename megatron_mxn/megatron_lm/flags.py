@@ -26,8 +26,10 @@ def add_mxn_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--mxn-attention", choices=ATTENTION_SCHEDULES, default="exact",
                        help="how the grid computes attention. exact (default): partial-score "
                             "all-reduce over the dim-slice group; gather: all-gather of the "
-                            "Q/K slices; auto (recommended): per phase and shape the one of "
-                            "those two sending fewer bytes. All three compute standard "
+                            "Q/K slices; seq: the sequence-split core (all-to-all to whole "
+                            "heads of s/m tokens, fused kernel, O(s) memory); auto "
+                            "(recommended): seq for training and prefill, the cheaper score "
+                            "schedule for decode. All four compute standard "
                             "attention. sliced: the seed paper's per-slice softmax, a "
                             "DIFFERENT model (h*m heads of d/m dims), never equivalent to "
                             "exact; checkpoints record it and do not mix with exact ones.")

@@ -55,6 +55,7 @@ class ModelSpec:
     padding_mask: bool = False
     recompute: Optional[str] = None  # None | full | selective (core attention)
     experts: int = 0  # > 0: every layer's MLP is megatron-core's MoE layer (top-2 routing)
+    seq: int = SEQ  # tokens per sequence (at most SEQ, the model's positions)
 
 
 def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = False,
@@ -107,16 +108,17 @@ def seed_all(seed: int = SEED) -> None:
 def batch(spec: ModelSpec, seed: int = 7) -> Dict[str, torch.Tensor]:
     """The same random batch on every rank."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    L = spec.seq
+    tokens = torch.randint(0, VOCAB, (BATCH, L), generator=g)
+    labels = torch.randint(0, VOCAB, (BATCH, L), generator=g)
     mask = None
     if spec.padding_mask:
         # causal + the last 3 keys of sample 1 padded (True = masked out, megatron's convention)
-        causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)
-        mask = causal.expand(BATCH, 1, SEQ, SEQ).clone()
-        mask[1, :, :, SEQ - 3:] = True
-        mask[1, :, SEQ - 3:, :] = causal[SEQ - 3:]  # padded queries still see themselves
-    pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool), diagonal=1)
+        mask = causal.expand(BATCH, 1, L, L).clone()
+        mask[1, :, :, L - 3:] = True
+        mask[1, :, L - 3:, :] = causal[L - 3:]  # padded queries still see themselves
+    pos = torch.arange(L).unsqueeze(0).expand(BATCH, L)
     return {"tokens": tokens, "labels": labels, "position_ids": pos, "attention_mask": mask}
 
 
@@ -152,7 +154,7 @@ def train_step(ddp_model, config, data, pgs) -> Dict[str, Optional[torch.Tensor]
     ddp_model.zero_grad_buffer()
     forward_backward = get_forward_backward_func()
     forward_backward(forward_step_func=forward_step, data_iterator=iter([data]),
-                     model=[ddp_model], num_microbatches=1, seq_length=SEQ,
+                     model=[ddp_model], num_microbatches=1, seq_length=data["tokens"].shape[1],
                      micro_batch_size=BATCH, forward_only=False)
     finalize_model_grads([ddp_model], pg_collection=pgs)
     return record

@@ -37,10 +37,11 @@ def _teardown():
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
 
 
-def _model(spec: ModelSpec, n: int, m: int, grid: bool, seed: int = 1234):
+def _model(spec: ModelSpec, n: int, m: int, grid: bool, seed: int = 1234,
+           schedule: str = "exact"):
     pgs = _init(n, m, grid)
     seed_all(seed)  # loads must overwrite each layout's different random init
-    config = make_config(spec, tp=n * m, m=m if grid else 1)
+    config = make_config(spec, tp=n * m, m=m if grid else 1, mxn_attention=schedule)
     return build_model(spec, config, pgs, grid=grid, max_seq=64), pgs
 
 
@@ -48,15 +49,17 @@ def _prompt(batch: int = 2):
     return torch.randint(0, 128, (batch, PROMPT), generator=torch.Generator().manual_seed(3))
 
 
-def decode_matches_tp1(ckpt_dir: str, n: int, m: int, steps: int = 16, **model_kwargs):
-    """Prefill + `steps` greedy decode steps with the static KV cache, grid vs TP=1."""
+def decode_matches_tp1(ckpt_dir: str, n: int, m: int, steps: int = 16, schedule: str = "exact",
+                       **model_kwargs):
+    """Prefill + `steps` greedy decode steps with the static KV cache, grid vs TP=1 (`auto`:
+    the sequence-split core prefills, the score all-reduce decodes)."""
     spec = ModelSpec(**model_kwargs)
     ref, pgs = _model(spec, 1, 1, grid=False)
     save(ref, ckpt_dir)
     ref.eval()
     want = greedy_generate(ref, _prompt(), steps + 1, pgs.tp)
     _teardown()
-    model, pgs = _model(spec, n, m, grid=True, seed=99)
+    model, pgs = _model(spec, n, m, grid=True, seed=99, schedule=schedule)
     load(model, ckpt_dir)
     model.eval()
     got = greedy_generate(model, _prompt(), steps + 1, pgs.tp)
