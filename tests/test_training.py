@@ -120,8 +120,8 @@ def test_bf16_grid_trains_like_bf16_tp4(init_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("first,second", [
+    # (grid 2x2 -> TP=4: the distributed-optimizer chain below, fully_reshardable)
     (["--tensor-model-parallel-size", "4"], ["--mxn-head-groups", "2", "--mxn-dim-slices", "2"]),
-    (["--mxn-head-groups", "2", "--mxn-dim-slices", "2"], ["--tensor-model-parallel-size", "4"]),
 ])
 def test_resume_across_layouts_continues_the_same_run(init_ckpt, tp4_run, tmp_path, first,
                                                       second):
