@@ -4,7 +4,9 @@ The rank holds d/m dims of h/n query heads (and of their KV heads). Q_ij K_ij^T 
 sum of the full scores; summing it over the dim-slice group (in fp32) gives S_i = Q_i K_i^T,
 identical on the m ranks (schedule `exact`; `gather` gets the same S_i from all-gathered Q/K
 slices, see schedules.py). softmax(S_i / sqrt(d)) then uses the full head dim and megatron's own
-masking, and P_i V_ij is local: the output holds dims j of heads i.
+masking, and P_i V_ij is local: the output holds dims j of heads i. Those score schedules build
+the s_q x s_k matrix; `seq` (seq_split.py) and `sliced` instead run the fused kernels of
+kernels.py and never do.
 """
 
 from __future__ import annotations
