@@ -5,7 +5,8 @@ import pytest
 
 from megatron_mxn.attention.schedules import ScoreShape, choose, schedule_bytes
 from tests.cases.equivalence import compare_with_tp1
-from tests.cases.schedules import auto_choices, sliced_matches_plain_torch
+from tests.cases.schedules import (auto_choices, fused_dropout_is_consistent,
+                                  sliced_matches_plain_torch)
 from tests.test_equivalence import CASES, FP32_TOL, _check
 
 pytestmark = pytest.mark.uses_pool
@@ -70,3 +71,11 @@ def test_auto_picks_seq_for_prefill_and_exact_for_decode(pool4):
         "[mxn] auto attention, decode (sq=1, sk=65): exact (per layer and rank it sends: "
         "exact 3120 B, gather 6624 B, seq 12672 B)"]
     assert all(r[1] == "" for r in results[1:])
+
+
+@pytest.mark.parametrize("n,m,schedule", [(1, 2, "seq"), (1, 2, "sliced")])
+def test_fused_schedules_apply_dropout_consistently(pool2, n, m, schedule):
+    for r in pool2.run(fused_dropout_is_consistent, n=n, m=m, schedule=schedule):
+        assert r["linear_identity_err"] < 1e-5, r
+        assert r["reproducible"] and r["dropped_something"], r
+        assert r["mean_rel_err"] < 0.2, r  # 48 draws of p=0.5: ~0.1 noise (l2)

@@ -23,11 +23,11 @@ class MxnTransformerConfig(TransformerConfig):
     mxn_dim_slices: int = 1
     """m: slices of every head's dims. The head groups are tensor_model_parallel_size / m."""
 
-    mxn_attention: str = "exact"
-    """How the grid computes attention (megatron_mxn.attention.schedules): exact (partial-score
-    all-reduce), gather (all-gather of the Q/K slices), seq (the sequence-split core: fused
-    kernel, O(s) memory), auto (per call: seq for training and prefill, the cheaper score
-    schedule for decode), or sliced (the seed paper's per-slice softmax: a different model)."""
+    mxn_attention: str = "auto"
+    """How the grid computes attention (megatron_mxn.attention.schedules): auto (the default;
+    per call: seq for training and prefill, the cheaper score schedule for decode), exact
+    (partial-score all-reduce), gather (all-gather of the Q/K slices), seq (the sequence-split
+    core: fused kernel, O(s) memory), or sliced (the seed paper's per-slice softmax: a different model)."""
 
     def __post_init__(self):
         from megatron_mxn.attention.schedules import SCHEDULES

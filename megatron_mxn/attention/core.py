@@ -54,7 +54,7 @@ class MxnDotProductAttention(DotProductAttention):
         self.dim_slice_group = grid.dim_slice_group
         self.dim_slices = grid.dim_slices
         self.head_group_index = grid.head_group_index
-        self.schedule = getattr(config, "mxn_attention", "exact")
+        self.schedule = getattr(config, "mxn_attention", "auto")
         self.decisions = []  # auto: (phase, sq, sk, chosen) each time the choice changes
         if self.schedule == "sliced" and config.softmax_scale is None:
             self.softmax_scale = 1.0 / (config.kv_channels // grid.dim_slices) ** 0.5
@@ -62,7 +62,7 @@ class MxnDotProductAttention(DotProductAttention):
     def _resolve(self, shape: ScoreShape) -> str:
         chosen = choose(self.schedule, shape)
         if self.schedule == "auto":
-            phase = "decode" if shape.sq == 1 else "prefill"
+            phase = "decode" if shape.sq == 1 else "training" if self.training else "prefill"
             if not self.decisions or self.decisions[-1][0] != phase or \
                     self.decisions[-1][3] != chosen:
                 self.decisions.append((phase, shape.sq, shape.sk, chosen))
@@ -99,9 +99,9 @@ class MxnDotProductAttention(DotProductAttention):
         dq = query.size(-1)
 
         # Scores in fp32: [b * heads, sq, sk]; partial sums over the m dim slices for `exact`.
-        q = query.permute(1, 2, 0, 3).reshape(b * heads, sq, dq).float()
-        k = key.permute(1, 2, 3, 0).reshape(b * heads, dq, sk).float()
-        scores = torch.bmm(q, k)
+        q = query.permute(1, 2, 0, 3).reshape(b * heads, sq, dq)
+        k = key.permute(1, 2, 3, 0).reshape(b * heads, dq, sk)
+        scores = fp32_scores(q, k)
         if schedule == "exact":
             scores = all_reduce_sum(scores, self.dim_slice_group)
         scores = (scores * self.softmax_scale).view(b, heads, sq, sk)
@@ -139,4 +139,15 @@ class MxnDotProductAttention(DotProductAttention):
                     value.permute(1, 2, 0, 3), scale=scale, causal=causal, q_offset=sk - sq,
                     padding_mask=attention_mask, dropout_p=dropout).permute(2, 0, 1, 3)
         return out.reshape(sq, b, heads * dl)
+
+
+def fp32_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q @ k in fp32. Partial scores are summed over the dim-slice group, so they must not be
+    rounded to bf16/fp16 first. On CUDA the low-precision matmul accumulates and writes fp32
+    (bmm's out_dtype; no fp32 copies of Q and K); CPU has no such kernel, so Q/K are upcast."""
+    if q.dtype == torch.float32:
+        return torch.bmm(q, k)
+    if q.is_cuda:
+        return torch.bmm(q, k, out_dtype=torch.float32)
+    return torch.bmm(q.float(), k.float())
 

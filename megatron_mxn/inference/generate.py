@@ -309,7 +309,7 @@ def _print_comm(per_step, decode, layers: int, decode_steps: int, layer_bytes) -
 def layout_name(args) -> str:
     pp = f" PP={args.pipeline_model_parallel_size}" if args.pipeline_model_parallel_size > 1 else ""
     if args.mxn_dim_slices > 1:
-        schedule = "" if args.mxn_attention == "exact" else f" {args.mxn_attention}"
+        schedule = "" if args.mxn_attention == "auto" else f" {args.mxn_attention}"
         return f"grid {args.mxn_head_groups}x{args.mxn_dim_slices}{pp}{schedule}"
     return f"TP={args.tensor_model_parallel_size}{pp}"
 

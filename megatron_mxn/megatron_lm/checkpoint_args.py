@@ -16,7 +16,7 @@ SHAPE_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gro
 
 def attention_model(args) -> str:
     """'sliced' for the seed paper's per-slice model, 'standard' for every exact schedule."""
-    sliced = getattr(args, "mxn_attention", "exact") == "sliced" and (
+    sliced = getattr(args, "mxn_attention", "auto") == "sliced" and (
         getattr(args, "mxn_dim_slices", 1) or 1) > 1
     return f"sliced over {args.mxn_dim_slices} dim slices" if sliced else "standard"
 

@@ -23,13 +23,13 @@ def add_mxn_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--mxn-dim-slices", type=int, default=None, metavar="M",
                        help="m: slices of every head's dims. Alongside "
                             "--tensor-model-parallel-size T it gives N = T/M head groups.")
-    group.add_argument("--mxn-attention", choices=ATTENTION_SCHEDULES, default="exact",
-                       help="how the grid computes attention. exact (default): partial-score "
-                            "all-reduce over the dim-slice group; gather: all-gather of the "
-                            "Q/K slices; seq: the sequence-split core (all-to-all to whole "
-                            "heads of s/m tokens, fused kernel, O(s) memory); auto "
-                            "(recommended): seq for training and prefill, the cheaper score "
-                            "schedule for decode. All four compute standard "
+    group.add_argument("--mxn-attention", choices=ATTENTION_SCHEDULES, default="auto",
+                       help="how the grid computes attention. auto (default): seq for training "
+                            "and prefill, the cheaper score schedule for decode; exact: "
+                            "partial-score all-reduce over the dim-slice group; gather: "
+                            "all-gather of the Q/K slices; seq: the sequence-split core "
+                            "(all-to-all to whole heads of s/m tokens, fused kernel, O(s) "
+                            "memory). All four compute standard "
                             "attention. sliced: the seed paper's per-slice softmax, a "
                             "DIFFERENT model (h*m heads of d/m dims), never equivalent to "
                             "exact; checkpoints record it and do not mix with exact ones.")
@@ -104,7 +104,7 @@ def resolve_mxn_args(args: argparse.Namespace) -> argparse.Namespace:
     args.tensor_model_parallel_size = n * m
     if m > 1 and getattr(args, "context_parallel_size", 1) > 1:
         raise MxnConfigError("context parallelism cannot be combined with --mxn-dim-slices > 1")
-    if getattr(args, "mxn_attention", "exact") == "sliced" and m > 1 and \
+    if getattr(args, "mxn_attention", "auto") == "sliced" and m > 1 and \
             os.environ.get("RANK", "0") == "0":
         print(f"> mxn WARNING: --mxn-attention sliced is the seed paper's per-slice softmax, a "
               f"different model from standard attention ({args.num_attention_heads} x {m} "

@@ -12,7 +12,7 @@ from megatron.core.transformer.enums import AttnMaskType
 import megatron_mxn
 from megatron_mxn.attention.core import MxnDotProductAttention
 from megatron_mxn.attention.self_attention import grid_layout
-from tests.cases.common import ModelSpec, make_config, max_rel_err
+from tests.cases.common import ModelSpec, l2_rel_err, make_config, max_rel_err
 
 
 def _core(n: int, m: int, schedule: str, **model_kwargs):
@@ -89,3 +89,44 @@ def auto_choices(n: int, m: int, prefill: int, **model_kwargs):
                  torch.randn(sk, b, gk, dl), attention_mask=mask.view(1, 1, sq, sk))
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
     return core.decisions, log.getvalue()
+
+
+def fused_dropout_is_consistent(n: int, m: int, schedule: str, sq: int = 16, b: int = 2,
+                                draws: int = 48):
+    """Attention dropout in a fused schedule (seq, sliced), which cannot share megatron's masks.
+    For one draw the core is linear in V: out = A V, with A the dropped, rescaled probabilities,
+    so sum(G * out) = sum(A^T G * V) = sum(dV * V) holds exactly iff backward dropped what
+    forward dropped. Also: a reseed reproduces the draw, and the mean over draws approaches the
+    output without dropout (inverted dropout is unbiased)."""
+    import torch.distributed as dist
+
+    from tests.cases.common import seed_all
+
+    spec, config, core, grid = _core(n, m, schedule, attention_dropout=0.5)
+    hq, gk, dl = spec.heads // n, max(spec.kv_heads // n, 1), spec.head_dim // m
+    gen = torch.Generator().manual_seed(11 + dist.get_rank())
+    q, k, v, grad = (torch.randn(sq, b, heads, dl, generator=gen)
+                     for heads in (hq, gk, gk, hq))
+
+    def draw(seed):
+        seed_all(seed)
+        vv = v.clone().requires_grad_()
+        out = core(q, k, vv, attention_mask=None)
+        out.backward(grad.view(sq, b, -1))
+        pair = torch.stack([(grad.view(sq, b, -1) * out).sum(), (vv.grad * vv).sum()]).double()
+        dist.all_reduce(pair)  # both sums over the whole head group's dims
+        return out.detach(), pair
+
+    core.train()
+    first, pair = draw(5)
+    again, _ = draw(5)
+    outs = [draw(100 + t)[0] for t in range(draws)]
+    core.eval()
+    with torch.no_grad():
+        plain = core(q, k, v, attention_mask=None)
+    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
+    return {"linear_identity_err": (pair[0] - pair[1]).abs().item() / pair[1].abs().item(),
+            "reproducible": torch.equal(first, again),
+            "dropped_something": not torch.allclose(first, plain),
+            "draw_rel_err": l2_rel_err(first, plain),
+            "mean_rel_err": l2_rel_err(torch.stack(outs).mean(0), plain)}
