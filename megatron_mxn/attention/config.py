@@ -29,8 +29,18 @@ class MxnTransformerConfig(TransformerConfig):
     (partial-score all-reduce), gather (all-gather of the Q/K slices), seq (the sequence-split
     core: fused kernel, O(s) memory), or sliced (the seed paper's per-slice softmax: a different model)."""
 
+    mxn_kv_cache: str = "auto"
+    """The grid's KV cache in inference (megatron_mxn.attention.schedules.KV_CACHES): dims
+    (each rank keeps d/m dims of every position; decode all-reduces scores over s_k), positions
+    (each rank keeps all dims of every m-th position; decode traffic independent of s_k), or
+    auto (whichever sends fewer bytes per decode step at the context's length)."""
+
     def __post_init__(self):
-        from megatron_mxn.attention.schedules import SCHEDULES
+        from megatron_mxn.attention.schedules import KV_CACHES, SCHEDULES
+
+        if self.mxn_kv_cache not in KV_CACHES:
+            raise MxnConfigError(f"mxn_kv_cache must be one of {KV_CACHES}, got "
+                                 f"{self.mxn_kv_cache!r}")
 
         m, tp = self.mxn_dim_slices, self.tensor_model_parallel_size
         if self.mxn_attention not in SCHEDULES:

@@ -56,6 +56,7 @@ class MxnDotProductAttention(DotProductAttention):
         self.head_group_index = grid.head_group_index
         self.schedule = getattr(config, "mxn_attention", "auto")
         self.decisions = []  # auto: (phase, sq, sk, chosen) each time the choice changes
+        self.on_gathered_kv = None  # set by a prefill into the position-sharded KV cache
         if self.schedule == "sliced" and config.softmax_scale is None:
             self.softmax_scale = 1.0 / (config.kv_channels // grid.dim_slices) ** 0.5
 
@@ -106,7 +107,13 @@ class MxnDotProductAttention(DotProductAttention):
             scores = all_reduce_sum(scores, self.dim_slice_group)
         scores = (scores * self.softmax_scale).view(b, heads, sq, sk)
 
-        # megatron's masking and softmax (the unfused path: scores are fp32 here).
+        # megatron's masking and softmax (the unfused path: scores are fp32 here). A causal
+        # prefill chunk after a KV cache (1 < sq < sk) needs the lower-right mask megatron's
+        # softmax does not build.
+        if attention_mask is None and 1 < sq < sk and \
+                (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal:
+            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(
+                1 + sk - sq).view(1, 1, sq, sk)
         probs = self.scale_mask_softmax.forward_torch_softmax(scores, attention_mask)
         probs = probs.to(value.dtype)
         if self.training and self.attention_dropout.p > 0:
@@ -131,7 +138,7 @@ class MxnDotProductAttention(DotProductAttention):
             if schedule == "seq":
                 out = seq_split_attention(query, key, value, self.dim_slice_group, scale=scale,
                                           causal=causal, padding_mask=attention_mask,
-                                          dropout_p=dropout)
+                                          dropout_p=dropout, on_gathered_kv=self.on_gathered_kv)
             else:
                 sk = key.size(0)
                 out = kernels.attention(

@@ -94,3 +94,50 @@ def score_memory_bytes(schedule: str, s: ScoreShape) -> int:
         return (2 * s.sq // s.dim_slices * s.heads + 2 * s.sk * s.kv_heads) * s.batch * d * \
             s.elem_bytes
     return 4 * s.batch * (s.sq * s.heads + s.sk * s.kv_heads) * s.slice_dim * s.elem_bytes
+
+
+# ---------------------------------------------------------------- KV cache layouts (decode)
+KV_CACHES = ("auto", "dims", "positions")
+
+
+def position_cache_collectives(s: ScoreShape):
+    """[(op, payload bytes)] of one call through the position-sharded KV cache
+    (attention/position_cache.py): all-gather of the new q, k, v dims, all-gather of the fp32
+    log-sum-exps, reduce-scatter of the weighted fp32 partial outputs. None depends on s_k."""
+    m, d = s.dim_slices, s.slice_dim * s.dim_slices
+    if m == 1:
+        return []
+    return [("all_gather", s.sq * s.batch * (s.heads + 2 * s.kv_heads) * d * s.elem_bytes),
+            ("all_gather", m * s.batch * s.heads * s.sq * 4),
+            ("reduce_scatter", s.sq * s.batch * s.heads * d * 4)]
+
+
+def cached_call_collectives(schedule: str, kv_cache: str, s: ScoreShape):
+    """[(op, payload)] over the dim-slice group of one inference call with a KV cache holding
+    s.sk - s.sq earlier positions. `kv_cache` is resolved (dims | positions)."""
+    if kv_cache != "positions" or s.dim_slices == 1:
+        return collectives(choose(schedule, s), s)
+    if s.sq > 1 and s.sq == s.sk:  # prefill into an empty cache: the layer's schedule
+        chosen = choose(schedule, s)
+        fill = [] if chosen == "seq" else [  # seq hands over its gathered K/V
+            ("all_gather", s.sk * s.batch * s.kv_heads * s.slice_dim * s.dim_slices *
+             s.elem_bytes)] * 2
+        return collectives(chosen, s) + fill
+    return position_cache_collectives(s)
+
+
+def choose_kv_cache(kv_cache: str, schedule: str, s: ScoreShape) -> str:
+    """The KV cache layout of a run. `auto`: positions when a decode step at s.sk keys (one
+    query) sends fewer bytes through it than through the dim-sliced cache (whose score
+    all-reduce grows with s_k; the crossover is a few dozen keys), else dims."""
+    if kv_cache != "auto":
+        return kv_cache
+    if s.dim_slices == 1:
+        return "dims"
+    decode = ScoreShape(s.batch, s.heads, s.kv_heads, 1, s.sk, s.slice_dim, s.dim_slices,
+                        s.elem_bytes)
+    cost = {name: sum(sent_bytes(op, size, s.dim_slices)
+                      for op, size in cached_call_collectives(schedule, name, decode))
+            for name in ("dims", "positions")}
+    return "positions" if cost["positions"] < cost["dims"] else "dims"
+

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from megatron.core.inference.contexts import BaseInferenceContext
 from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import (
     SelfAttention,
     SelfAttentionSubmodules,
@@ -25,6 +26,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.typed_torch import apply_module
 from megatron.core.utils import deprecate_inference_params
 
+from megatron_mxn.attention.position_cache import (
+    PositionShardedCache,
+    gather_dims,
+    kv_cache_of,
+    position_sharded_attention,
+)
+from megatron_mxn.attention.schedules import ScoreShape
 from megatron_mxn.attention.sharding import grid_sharded_factory
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
 from megatron_mxn.grid.groups import MxnProcessGroupCollection, grid_groups_of
@@ -169,6 +177,11 @@ class MxnSelfAttention(SelfAttention):
                                  "context (KV cache), not dynamic batching")
         if packed_seq_params is not None:
             raise MxnConfigError("the grid attention does not support packed sequences (THD)")
+        if inference_context is not None and self.mxn_grid.dim_slices > 1 and \
+                kv_cache_of(inference_context, self.config, self._decode_shape(
+                    inference_context, hidden_states)) == "positions":
+            return self._forward_position_cache(hidden_states, attention_mask,
+                                                inference_context, rotary_pos_emb)
         return super().forward(
             hidden_states, attention_mask, key_value_states=key_value_states,
             inference_context=inference_context,
@@ -176,6 +189,70 @@ class MxnSelfAttention(SelfAttention):
             rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
             rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
             packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset)
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value,
+                                        *args, **kwargs):
+        """megatron's dim-sliced KV cache; a prefill chunk after a cache (several queries at an
+        offset) stays causal, where megatron's static path drops the mask after the prompt."""
+        out = super()._adjust_key_value_for_inference(inference_context, query, key, value,
+                                                      *args, **kwargs)
+        if inference_context is not None and query.size(0) > 1 and \
+                self.attn_mask_type == AttnMaskType.causal:
+            out = (*out[:4], AttnMaskType.causal, out[5])
+        return out
+
+    def _forward_position_cache(self, hidden_states, attention_mask, context, rotary_pos_emb):
+        """Inference with the position-sharded KV cache (attention/position_cache.py): RoPE
+        at the tokens' absolute positions, then a prefill into an empty cache through the
+        layer's schedule, or the cache's own decode attention."""
+        query, key, value = self.get_query_key_value_tensors(hidden_states)
+        start, sq = context.sequence_len_offset, query.size(0)
+        if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
+            rotary_pos_emb = None
+        rotary_pos_emb = self._slice_rotary(rotary_pos_emb)
+        if rotary_pos_emb is not None:
+            if not isinstance(rotary_pos_emb, tuple):
+                rotary_pos_emb = (rotary_pos_emb,) * 2
+            query, key = (apply_rotary_pos_emb(
+                t, emb[start:start + sq], config=self.config,
+                mscale=self._yarn_concentration_factor, cp_group=self.pg_collection.cp)
+                for t, emb in zip((query, key), rotary_pos_emb))
+        cache = self._position_cache(context, key)
+        batch = slice(context.batch_size_offset, context.batch_size_offset + query.size(1))
+        core = self.core_attention
+        if start == 0 and sq > 1:  # prefill: the layer's schedule; keep the gathered K/V
+            filled = []
+            core.on_gathered_kv = lambda k, v: filled.append(cache.store(k, v, 0, batch))
+            try:
+                out = apply_module(core)(query, key, value, attention_mask,
+                                         attn_mask_type=self.attn_mask_type)
+            finally:
+                core.on_gathered_kv = None
+            if not filled:
+                group = self.mxn_grid.dim_slice_group
+                cache.store(gather_dims(key, group), gather_dims(value, group), 0, batch)
+        else:
+            out = position_sharded_attention(
+                query, key, value, cache, start, batch, self.mxn_grid.dim_slice_group,
+                scale=core.softmax_scale * (core.scale_mask_softmax.scale or 1.0),
+                padding_mask=attention_mask)
+        return apply_module(self.linear_proj)(out)
+
+    def _decode_shape(self, context, hidden_states) -> ScoreShape:
+        """One decode call against the context's longest sequence (the KV-cache choice)."""
+        layout = self.mxn_layout
+        return ScoreShape(context.max_batch_size, layout.heads_per_rank,
+                          layout.kv_heads_per_rank, 1, context.max_sequence_length,
+                          layout.slice_dim, layout.dim_slices, hidden_states.element_size())
+
+    def _position_cache(self, context, key) -> PositionShardedCache:
+        caches = context.key_value_memory_dict
+        if self.layer_number not in caches:
+            caches[self.layer_number] = PositionShardedCache(
+                context.max_sequence_length, context.max_batch_size, key.size(2),
+                self.config.kv_channels, self.mxn_grid.dim_slices,
+                self.mxn_grid.dim_slice_index, key.dtype, key.device)
+        return caches[self.layer_number]
 
     def _slice_rotary(self, rotary_pos_emb):
         if rotary_pos_emb is None:

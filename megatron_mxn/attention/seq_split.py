@@ -38,11 +38,12 @@ def owned_chunks(rank: int, dim_slices: int):
 def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         group: dist.ProcessGroup, *, scale: float, causal: bool,
                         padding_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto", on_gathered_kv=None) -> torch.Tensor:
     """query [sq, b, hq, d/m], key/value [sk, b, hk, d/m] (this rank's dims) -> the attention
     output [sq, b, hq, d/m] (this rank's dims). Query row t sits at position sk - sq + t
     (a prefill chunk after a KV cache is lower-right aligned); causal hides later keys.
-    padding_mask: bool [b, 1, sq, sk], True = masked out."""
+    padding_mask: bool [b, 1, sq, sk], True = masked out. on_gathered_kv(k, v): receives the
+    all-gathered K/V [sk, b, hk, d] (a prefill fills the position-sharded KV cache from them)."""
     m, j = dist.get_world_size(group), dist.get_rank(group)
     sq, b, hq, dl = query.shape
     sk = key.size(0)
@@ -58,6 +59,8 @@ def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     q = q.view(m, counts[j], b, hq, dl).permute(1, 2, 3, 0, 4).reshape(counts[j], b, hq, m * dl)
     k = all_gather_last_dim_from_tensor_parallel_region(key.contiguous(), group=group)
     v = all_gather_last_dim_from_tensor_parallel_region(value.contiguous(), group=group)
+    if on_gathered_kv is not None:
+        on_gathered_kv(k, v)
     k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, hk, sk, d]
 
     outs, start = [], 0

@@ -27,8 +27,9 @@ _g.add_argument("--prompt-length", type=int, default=32,
                 help="length of random prompts (token ids) when there is no --prompts-file")
 _g.add_argument("--prompts-file", default=None,
                 help="one prompt per line: token ids separated by spaces, or text (tokenized "
-                     "with Megatron's tokenizer flags); all of the same length, repeated to "
-                     "fill the batch")
+                     "with Megatron's tokenizer flags), repeated to fill the batch; prompts of "
+                     "different lengths prefill the shortest, then feed each its own tokens "
+                     "(megatron's static engine)")
 _g.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per prompt")
 _g.add_argument("--inference-micro-batches", type=int, default=None,
                 help="micro-batches flowing through the pipeline (default: PP size)")
@@ -39,6 +40,14 @@ _g.add_argument("--output-json", default=None, help="write the report here (rank
 _g.add_argument("--progress-interval", type=int, default=32,
                 help="print progress every this many decode steps")
 _g.add_argument("--prompt-seed", type=int, default=1234, help="seed of the random prompts")
+_g.add_argument("--mxn-kv-cache", choices=("auto", "dims", "positions"), default="auto",
+                help="the grid's KV cache: dims (each rank keeps d/m dims of every position; "
+                     "a decode step all-reduces scores over the context), positions (each "
+                     "rank keeps all dims of every m-th position; a decode step sends "
+                     "O(b*h*d), independent of the context), auto (default: the one whose "
+                     "decode step sends fewer bytes at the run's mean context length)")
+_g.add_argument("--prefill-chunk-size", type=int, default=None,
+                help="prefill the prompt in chunks of this many tokens (default: at once)")
 
 def split_argv(argv: List[str]):
     """(generation options, remaining Megatron argv), after expanding --config/--layout."""
@@ -83,7 +92,8 @@ def check_request(gen, args) -> None:
 
 
 def read_prompts(gen, args, tokenizer_fn):
-    """[batch, length] prompt token ids, identical on every rank."""
+    """([batch, longest] prompt token ids, right-padded; each prompt's length or None when
+    they are all equal), identical on every rank."""
     import torch
 
     from megatron_mxn.grid.layout import MxnConfigError
@@ -92,7 +102,7 @@ def read_prompts(gen, args, tokenizer_fn):
         vocab = args.padded_vocab_size if args.padded_vocab_size else 1024
         g = torch.Generator().manual_seed(gen.prompt_seed)
         return torch.randint(0, min(vocab, getattr(args, "vocab_size", vocab) or vocab),
-                             (gen.batch_size, gen.prompt_length), generator=g)
+                             (gen.batch_size, gen.prompt_length), generator=g), None
     rows = []
     for line in open(gen.prompts_file):
         line = line.strip()
@@ -103,10 +113,10 @@ def read_prompts(gen, args, tokenizer_fn):
                     else list(tokenizer_fn().tokenize(line)))
     if not rows:
         raise MxnConfigError(f"{gen.prompts_file} holds no prompt")
-    if len({len(r) for r in rows}) > 1:
-        raise MxnConfigError(f"{gen.prompts_file}: all prompts must have the same length "
-                             f"(static batch); lengths {sorted({len(r) for r in rows})}")
-    return torch.tensor([rows[k % len(rows)] for k in range(gen.batch_size)])
+    rows = [rows[k % len(rows)] for k in range(gen.batch_size)]
+    longest = max(len(r) for r in rows)
+    return (torch.tensor([r + [0] * (longest - len(r)) for r in rows]),
+            [len(r) for r in rows])
 
 
 def main(argv=None) -> None:
@@ -183,12 +193,16 @@ def run(gen, args, cpu: bool):
 
         return get_tokenizer()
 
-    prompt = read_prompts(gen, args, tokenizer)
+    prompt, lengths = read_prompts(gen, args, tokenizer)
     micro = gen.inference_micro_batches or args.pipeline_model_parallel_size
+    kv_cache = resolve_kv_cache(gen, args, prompt.shape[1], micro)
+    options = dict(kv_cache=kv_cache, prompt_lengths=lengths,
+                   prefill_chunk=gen.prefill_chunk_size)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if gen.warmup_steps:
-        generate(model, prompt, min(gen.warmup_steps, gen.max_new_tokens), pgs, micro)
+        generate(model, prompt, min(gen.warmup_steps, gen.max_new_tokens), pgs, micro,
+                 **options)
 
     layers = unwrap_model(model).decoder.layers
     last_rank = dist.get_world_size() - 1
@@ -214,11 +228,12 @@ def run(gen, args, cpu: bool):
             progress(step, 0)
 
         runs.append(generate(model, prompt, gen.max_new_tokens, pgs, micro,
-                             before_step=before_step))
+                             before_step=before_step, **options))
         end_of_step()
     for repeat in range(1, gen.repeats):
         runs.append(generate(model, prompt, gen.max_new_tokens, pgs, micro,
-                             before_step=lambda step, repeat=repeat: progress(step, repeat)))
+                             before_step=lambda step, repeat=repeat: progress(step, repeat),
+                             **options))
     decode = sum(per_step[1:], Counter())
     if args.mxn_log_comm:
         _print_comm(per_step, decode, len(layers), gen.max_new_tokens - 1,
@@ -238,6 +253,7 @@ def run(gen, args, cpu: bool):
             k: v / decode_steps for k, v in sent_bytes_by_group(decode, inside=False).items()},
         "ttft_s": [r.ttft_s for r in runs],
         "tpot_s": [t for r in runs for t in r.tpot_s],
+        "tpot_runs": [r.tpot_s for r in runs],
         "total_s": [r.step_end_s[-1] for r in runs],
         "tokens_sha256": (hashlib.sha256(runs[0].tokens.numpy().tobytes()).hexdigest()
                           if runs[0].tokens.numel() else None),
@@ -250,8 +266,7 @@ def run(gen, args, cpu: bool):
     last = [r for r in everyone if r["last_stage"]][0]
     b, new = gen.batch_size, gen.max_new_tokens
     total = summarize(last["total_s"])["median"]
-    steps = new - 1
-    per_repeat = [{"ttft_s": ttft, "tpot_s": summarize(last["tpot_s"][k * steps:(k + 1) * steps]),
+    per_repeat = [{"ttft_s": ttft, "tpot_s": summarize(last["tpot_runs"][k]),
                    "output_tokens_per_s": b * new / t,
                    "total_tokens_per_s": b * (prompt.shape[1] + new) / t}
                   for k, (ttft, t) in enumerate(zip(last["ttft_s"], last["total_s"]))]
@@ -260,7 +275,7 @@ def run(gen, args, cpu: bool):
                    "dp": args.data_parallel_size, "head_groups": args.mxn_head_groups,
                    "dim_slices": args.mxn_dim_slices, "world": args.world_size,
                    "expert_parallel": args.expert_model_parallel_size,
-                   "name": layout_name(args)},
+                   "name": layout_name(args, kv_cache)},
         "workload": {"batch": b, "prompt_length": prompt.shape[1], "new_tokens": new,
                      "micro_batches": micro, "repeats": gen.repeats,
                      "warmup": f"{1 if gen.warmup_steps else 0} untimed generation of "
@@ -280,6 +295,8 @@ def run(gen, args, cpu: bool):
         "tokens_head": last["tokens_head"],
         "repeats": per_repeat,
         "schedule": args.mxn_attention,
+        "kv_cache": kv_cache,
+        "kv_cache_requested": gen.mxn_kv_cache,
         "per_stage": {str(r["stage"]): {k: r[k] for k in ("rank", "param_bytes", "kv_cache_bytes",
                                                           "comm_steps")}
                       for r in reversed(everyone)},  # (the stage's first rank wins)
@@ -306,12 +323,30 @@ def _print_comm(per_step, decode, layers: int, decode_steps: int, layer_bytes) -
         dist.barrier()
 
 
-def layout_name(args) -> str:
+def layout_name(args, kv_cache: str = "dims") -> str:
     pp = f" PP={args.pipeline_model_parallel_size}" if args.pipeline_model_parallel_size > 1 else ""
     if args.mxn_dim_slices > 1:
         schedule = "" if args.mxn_attention == "auto" else f" {args.mxn_attention}"
-        return f"grid {args.mxn_head_groups}x{args.mxn_dim_slices}{pp}{schedule}"
+        cache = " KV-by-position" if kv_cache == "positions" else ""
+        return f"grid {args.mxn_head_groups}x{args.mxn_dim_slices}{pp}{schedule}{cache}"
     return f"TP={args.tensor_model_parallel_size}{pp}"
+
+
+def resolve_kv_cache(gen, args, prompt_length: int, micro: int) -> str:
+    """--mxn-kv-cache auto: the cache whose decode step sends fewer bytes at the run's mean
+    context length (schedules.choose_kv_cache); the same on every rank."""
+    from megatron_mxn.attention.schedules import ScoreShape, choose_kv_cache
+
+    m = args.mxn_dim_slices
+    if m == 1:
+        return "dims"
+    n, h = args.mxn_head_groups, args.num_attention_heads
+    g = args.num_query_groups if args.group_query_attention else h
+    d = args.kv_channels
+    elem = 2 if (args.bf16 or args.fp16) else 4
+    shape = ScoreShape(gen.batch_size // micro, h // n, max(g // n, 1), 1,
+                       prompt_length + (gen.max_new_tokens + 1) // 2, d // m, m, elem)
+    return choose_kv_cache(gen.mxn_kv_cache, args.mxn_attention, shape)
 
 
 def _max_by_key(dicts) -> dict:

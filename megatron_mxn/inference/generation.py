@@ -56,51 +56,79 @@ def _sync():
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: int = 1,
              keep_logits: bool = False,
-             before_step: Optional[Callable[[int], None]] = None) -> Generation:
-    """Greedy generation of `new_tokens` tokens for `prompt` [b, s] (needed on the first stage;
-    other stages only use its shape). Step 0 is the prefill, steps 1.. decode one token each.
-    `before_step(step)` runs before each step (progress output, communication counting)."""
+             before_step: Optional[Callable[[int], None]] = None,
+             kv_cache: Optional[str] = None, prompt_lengths: Optional[List[int]] = None,
+             prefill_chunk: Optional[int] = None) -> Generation:
+    """Greedy generation of `new_tokens` tokens for each prompt of `prompt` [b, s] (needed on
+    the first stage; other stages only use its shape). Step 0 is the prefill, steps 1.. decode
+    one token each. `before_step(step)` runs before each step (progress output, communication
+    counting).
+
+    kv_cache: the grid's KV cache layout (dims | positions | auto, see attention/schedules.py;
+    None: the config's). prompt_lengths: prompts of different lengths, right-padded in
+    `prompt`; as megatron's static engine, the batch prefills the shortest and then moves in
+    lockstep, feeding each sequence its own prompt tokens until they run out (its tokens are
+    the `new_tokens` after its own prompt). prefill_chunk: prefill in chunks of this many
+    tokens (each chunk attends to the cached ones)."""
     b, s = prompt.shape
     if b % micro_batches:
         raise ValueError(f"batch size ({b}) must be divisible by the inference micro-batches "
                          f"({micro_batches})")
+    lengths = list(prompt_lengths) if prompt_lengths is not None else [s] * b
+    if len(lengths) != b or min(lengths) < 1 or max(lengths) > s:
+        raise ValueError(f"prompt_lengths must give 1..{s} tokens for each of the {b} prompts")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError("prefill_chunk must be >= 1")
     mb = b // micro_batches
     pp_ranks = dist.get_process_group_ranks(pgs.pp) if pgs.pp is not None else [dist.get_rank()]
     stage, stages = pp_ranks.index(dist.get_rank()), len(pp_ranks)
     first, last = stage == 0, stage == stages - 1
     config = get_attr_wrapped_model(model, "config")
     hidden_dtype = config.pipeline_dtype or config.params_dtype
-    context = StaticInferenceContext(b, s + new_tokens)
+    shortest, longest = min(lengths), max(lengths)
+    steps = longest - shortest + new_tokens  # predictions made
+    context = StaticInferenceContext(b, longest + new_tokens)
+    if kv_cache is not None:
+        context.mxn_kv_cache = kv_cache
     out = Generation(tokens=torch.empty(b, new_tokens if last else 0, dtype=torch.long))
-    inputs = list(prompt.split(mb)) if first else []
+    predicted = torch.empty(b, steps if last else 0, dtype=torch.long)
     sends = _Sends(micro_batches)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    own_prompt = torch.tensor(lengths)[:, None] > torch.arange(longest + new_tokens)[None]
+    padded = torch.zeros(b, longest + new_tokens, dtype=prompt.dtype)
+    if first:
+        padded[:, :s] = prompt.cpu()
+    chunk = prefill_chunk or shortest
+    passes = [(0, c, min(c + chunk, shortest)) for c in range(0, shortest, chunk)]
+    passes += [(step, shortest + step - 1, shortest + step) for step in range(1, steps)]
 
     _sync()
     dist.barrier()
-    start = time.perf_counter()
-    for step in range(new_tokens):
-        if before_step is not None:
+    begin = time.perf_counter()
+    for n_pass, (step, lo, hi) in enumerate(passes):
+        if before_step is not None and (n_pass == 0 or passes[n_pass - 1][0] != step):
             before_step(step)
         if step == 1:
             context.enable_decode_mode()
-        seq = s if step == 0 else 1
+        seq = hi - lo
+        emits = n_pass + 1 == len(passes) or passes[n_pass + 1][0] != step
         logits_step = []
         for i in range(micro_batches):
+            rows = slice(i * mb, (i + 1) * mb)
             context.batch_size_offset = i * mb
             ids = positions = None
             if first:
+                ids = padded[rows, lo:hi]
                 if step > 0:
-                    if stages > 1:  # the last stage sends this micro-batch's new token
+                    if stages > 1:  # the last stage sends this micro-batch's prediction
                         token = torch.empty(mb, 1, dtype=torch.long, device=device)
                         dist.recv(token, pp_ranks[-1], group=pgs.pp)
-                        inputs[i] = token
+                        token = token.cpu()
                     else:
-                        inputs[i] = out.tokens[i * mb:(i + 1) * mb, step - 1:step]
-                ids = inputs[i].to(device)
-                positions = torch.arange(context.sequence_len_offset,
-                                         context.sequence_len_offset + seq,
-                                         device=device).expand(mb, seq)
+                        token = predicted[rows, step - 1:step]
+                    ids = torch.where(own_prompt[rows, lo:hi], ids, token)
+                ids = ids.to(device)
+                positions = torch.arange(lo, hi, device=device).expand(mb, seq)
             else:
                 hidden = torch.empty(seq, mb, config.hidden_size, dtype=hidden_dtype,
                                      device=device)
@@ -110,20 +138,27 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
             if not last:
                 sends.start(i, output.contiguous(), pp_ranks[stage + 1], pgs.pp)
                 continue
+            if not emits:
+                continue
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(
                 output[:, -1].contiguous(), group=pgs.tp).float()
             token = logits.argmax(-1, keepdim=True)
-            out.tokens[i * mb:(i + 1) * mb, step] = token[:, 0].cpu()
+            predicted[rows, step] = token[:, 0].cpu()
             if keep_logits:
                 logits_step.append(logits.cpu())
-            if stages > 1 and step + 1 < new_tokens:
+            if stages > 1 and step + 1 < steps:
                 sends.start(i, token, pp_ranks[0], pgs.pp)
+        context.sequence_len_offset += seq
+        if not emits:
+            continue
         if keep_logits and last:
             out.step_logits.append(torch.cat(logits_step))
-        context.sequence_len_offset += seq
         _sync()
-        out.step_end_s.append(time.perf_counter() - start)
+        out.step_end_s.append(time.perf_counter() - begin)
     sends.wait_all()
+    if last:  # each sequence's tokens after its own prompt
+        for r, length in enumerate(lengths):
+            out.tokens[r] = predicted[r, length - shortest:length - shortest + new_tokens]
     out.kv_cache_bytes = kv_cache_bytes(context)
     return out
 
@@ -154,13 +189,15 @@ class _Sends:
 
 def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, tp_group,
                     keep_logits: bool = True,
-                    before_step: Optional[Callable[[int], None]] = None) -> Generation:
-    """generate() for a single pipeline stage (PP = 1), one micro-batch."""
+                    before_step: Optional[Callable[[int], None]] = None,
+                    **options) -> Generation:
+    """generate() for a single pipeline stage (PP = 1), one micro-batch; `options`: kv_cache,
+    prompt_lengths, prefill_chunk."""
 
     class _Groups:
         tp, pp = tp_group, None
 
-    return generate(model, prompt, new_tokens, _Groups, 1, keep_logits, before_step)
+    return generate(model, prompt, new_tokens, _Groups, 1, keep_logits, before_step, **options)
 
 
 def peak_memory_bytes() -> int:

@@ -45,24 +45,28 @@ def _model(spec: ModelSpec, n: int, m: int, grid: bool, seed: int = 1234,
     return build_model(spec, config, pgs, grid=grid, max_seq=64), pgs
 
 
-def _prompt(batch: int = 2):
-    return torch.randint(0, 128, (batch, PROMPT), generator=torch.Generator().manual_seed(3))
+def _prompt(batch: int = 2, length: int = PROMPT):
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(3))
 
 
 def decode_matches_tp1(ckpt_dir: str, n: int, m: int, steps: int = 16, schedule: str = "exact",
-                       **model_kwargs):
+                       kv_cache: str = "dims", prompt_lengths=None, prefill_chunk=None,
+                       prompt: int = PROMPT, **model_kwargs):
     """Prefill + `steps` greedy decode steps with the static KV cache, grid vs TP=1 (`auto`:
-    the sequence-split core prefills, the score all-reduce decodes)."""
+    the sequence-split core prefills, the score all-reduce decodes; kv_cache positions: the
+    position-sharded cache decodes)."""
     spec = ModelSpec(**model_kwargs)
+    options = dict(prompt_lengths=prompt_lengths, prefill_chunk=prefill_chunk)
+    tokens = _prompt(len(prompt_lengths) if prompt_lengths else 2, prompt)
     ref, pgs = _model(spec, 1, 1, grid=False)
     save(ref, ckpt_dir)
     ref.eval()
-    want = greedy_generate(ref, _prompt(), steps + 1, pgs.tp)
+    want = greedy_generate(ref, tokens, steps + 1, pgs.tp, **options)
     _teardown()
     model, pgs = _model(spec, n, m, grid=True, seed=99, schedule=schedule)
     load(model, ckpt_dir)
     model.eval()
-    got = greedy_generate(model, _prompt(), steps + 1, pgs.tp)
+    got = greedy_generate(model, tokens, steps + 1, pgs.tp, kv_cache=kv_cache, **options)
     _teardown()
     return {
         "tokens_equal": torch.equal(got.tokens, want.tokens),

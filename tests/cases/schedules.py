@@ -78,6 +78,7 @@ def sliced_matches_plain_torch(n: int, m: int, sq: int = 12, b: int = 2, **model
 def auto_choices(n: int, m: int, prefill: int, **model_kwargs):
     """Run auto on a long prefill then two decode steps' shapes; the decisions it logged."""
     spec, config, core, grid = _core(n, m, "auto", **model_kwargs)
+    core.eval()  # (inference: the log names the phase prefill, not training)
     h, g, d = spec.heads, spec.kv_heads, spec.head_dim
     hq, gk, dl = h // n, max(g // n, 1), d // m
     b = 1

@@ -1,0 +1,130 @@
+"""The position-sharded KV cache: grid decode whose traffic does not grow with the context
+(docs/design.md, "Position-sharded KV cache").
+
+The dim-sliced cache (megatron's own layout on the grid: rank j keeps dims j of every position)
+makes each decode step all-reduce B*(h/n)*s_k partial scores over the dim-slice group. Here rank
+j of a dim-slice group keeps the full-d, rotated K and V of the positions p with p % m == j
+(the same bytes). One step with s_q new tokens:
+
+1. one all-gather over the dim-slice group turns this rank's dims of the new q, k, v into all
+   dims; the owners of the new positions append their k and v;
+2. every rank attends the queries to its own positions: a partial output O_j and its
+   log-sum-exp L_j (fp32);
+3. the exact combination O = sum_j exp(L_j - L) O_j with L = logsumexp_j L_j takes an
+   all-gather of the L_j (b*h/n*s_q floats) and a reduce-scatter of the weighted O_j over the
+   dims, which leaves rank j with dims j of O: the layout linear_proj expects.
+
+Bytes per layer and step: O(b*(h/n + 2g')*d), independent of s_k. A prefill into an empty cache
+runs the layer's training schedule (the sequence-split core hands over the K/V it gathered);
+a later prefill chunk (s_q < s_k) takes the steps above with a causal mask over positions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_mxn.attention.schedules import choose_kv_cache
+
+def owned_positions(length: int, dim_slices: int, rank: int) -> int:
+    """How many of the positions 0 .. length-1 rank `rank` owns (p % m == rank)."""
+    return max(0, (length - rank + dim_slices - 1) // dim_slices)
+
+
+class PositionShardedCache:
+    """One layer's K/V buffers on one rank: [ceil(max_seq/m), max_batch, kv heads, d]."""
+
+    def __init__(self, max_seq: int, max_batch: int, kv_heads: int, head_dim: int,
+                 dim_slices: int, rank: int, dtype: torch.dtype, device):
+        self.dim_slices, self.rank = dim_slices, rank
+        rows = -(-max_seq // dim_slices)
+        self.key = torch.empty(rows, max_batch, kv_heads, head_dim, dtype=dtype, device=device)
+        self.value = torch.empty_like(self.key)
+
+    def __iter__(self):  # (key, value), as megatron's cache entries
+        return iter((self.key, self.value))
+
+    def store(self, key: torch.Tensor, value: torch.Tensor, start: int, batch: slice) -> None:
+        """key/value [s, b, kv heads, d] of positions start .. start+s-1: keep the owned ones."""
+        m = self.dim_slices
+        first = (self.rank - start) % m  # first row of key that this rank owns
+        rows = key[first::m]
+        if rows.size(0):
+            at = (start + first) // m
+            self.key[at:at + rows.size(0), batch] = rows
+            self.value[at:at + rows.size(0), batch] = value[first::m]
+
+    def owned(self, length: int, batch: slice):
+        """K, V [owned, b, kv heads, d] of this rank's positions among 0 .. length-1."""
+        n = owned_positions(length, self.dim_slices, self.rank)
+        return self.key[:n, batch], self.value[:n, batch]
+
+
+def gather_dims(x: torch.Tensor, group) -> torch.Tensor:
+    """[..., d/m] -> [..., d]: every rank's dims, in rank order (no autograd: inference)."""
+    m = dist.get_world_size(group)
+    out = x.new_empty((m * x.size(0), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out.view(m, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], m * x.size(-1))
+
+
+@torch.no_grad()
+def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               cache: PositionShardedCache, start: int, batch: slice, group,
+                               scale: float, padding_mask: Optional[torch.Tensor] = None
+                               ) -> torch.Tensor:
+    """query [sq, b, hq, d/m], key/value [sq, b, hk, d/m] (this rank's dims of the new tokens at
+    positions start .. start+sq-1, RoPE applied) -> output [sq, b, hq * d/m] (dims of this
+    rank), causal over positions. padding_mask: bool [b, 1, sq, start+sq], True = masked out."""
+    m, j = dist.get_world_size(group), dist.get_rank(group)
+    sq, b, hq, dl = query.shape
+    hk = key.size(2)
+    qkv = gather_dims(torch.cat([query, key, value], dim=2), group)  # [sq, b, hq+2hk, d]
+    q, k, v = qkv.split([hq, hk, hk], dim=2)
+    cache.store(k, v, start, batch)
+    end = start + sq
+    k_own, v_own = cache.owned(end, batch)  # positions j, j+m, ...
+
+    # Partial attention in fp32: [b, hk, hq/hk, sq, owned].
+    qg = q.float().permute(1, 2, 0, 3).reshape(b, hk, hq // hk, sq, -1)
+    scores = torch.einsum("bgrqd,kbgd->bgrqk", qg, k_own.float()) * scale
+    masked = None
+    if sq > 1:  # causal over absolute positions (one query sees every cached key)
+        key_pos = torch.arange(j, end, m, device=q.device)
+        query_pos = torch.arange(start, end, device=q.device)
+        masked = (key_pos[None, :] > query_pos[:, None]).view(1, 1, 1, sq, -1)
+    if padding_mask is not None:
+        cut = padding_mask[..., j:end:m].view(b, 1, 1, sq, -1)
+        masked = cut if masked is None else masked | cut
+    if masked is not None:
+        scores = scores.masked_fill(masked, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where this rank owns no visible key
+    probs = torch.exp(scores - lse.clamp_min(torch.finfo(lse.dtype).min).unsqueeze(-1))
+    partial = torch.einsum("bgrqk,kbgd->bgrqd", probs, v_own.float())
+
+    # Exact combination: weights exp(L_j - L); rank j keeps dims j of the weighted sum.
+    lses = lse.new_empty((m * lse.size(0), *lse.shape[1:]))
+    dist.all_gather_into_tensor(lses, lse.contiguous(), group=group)
+    total = torch.logsumexp(lses.view(m, *lse.shape), dim=0)
+    weight = torch.exp(lse - total).nan_to_num(0.0)
+    weighted = (partial * weight.unsqueeze(-1)).reshape(b, hq, sq, m, dl)
+    out = weighted.new_empty(sq, b, hq, dl)
+    dist.reduce_scatter_tensor(out, weighted.permute(3, 2, 0, 1, 4).reshape(m * sq, b, hq, dl),
+                               group=group)
+    return out.to(query.dtype).reshape(sq, b, hq * dl)
+
+
+def kv_cache_of(context, config, shape) -> str:
+    """The KV cache layout of a static inference context: its `mxn_kv_cache` (generate() sets
+    it), else the config's (default auto, resolved by schedules.choose_kv_cache for the
+    context's longest sequence `shape.sk` and remembered on the context, so that every layer
+    uses the same)."""
+    chosen = getattr(context, "mxn_kv_cache", None)
+    if chosen in (None, "auto"):
+        chosen = choose_kv_cache(chosen or getattr(config, "mxn_kv_cache", "auto"),
+                                 getattr(config, "mxn_attention", "auto"), shape)
+        context.mxn_kv_cache = chosen
+    return chosen
+
