@@ -7,24 +7,52 @@ from tests.cases import runtime
 
 @pytest.mark.parametrize("n,m,extra", [
     (2, 2, {}),
-    (1, 4, {"kv_heads": 1}),
     (4, 1, {}),  # n > g with m = 1: megatron-core's attention (TP=4 > g=2)
     (2, 2, {"kv_heads": 1}),  # n > g on the grid: the KV head's slice gathered by 2 groups
-    (2, 2, {"schedule": "auto"}),  # prefill with the sequence-split core, then decode
     (1, 4, {"schedule": "seq", "kv_heads": 1}),  # seq also for decode (chunks mostly empty)
-    (2, 2, {"qk_norm": "RMSNorm", "interleaved": True}),
+    # the position-sharded cache: 33 decode steps wrap ownership around the m ranks 8+ times
+    (1, 4, {"kv_cache": "positions", "kv_heads": 1, "steps": 33}),  # MQA
+    (2, 2, {"kv_cache": "positions", "kv_heads": 1}),  # n > g
+    (2, 2, {"kv_cache": "positions", "qk_norm": "RMSNorm", "interleaved": True}),
+    (2, 2, {"kv_cache": "positions", "rotary_percent": 0.5, "schedule": "exact"}),
+    # auto (the defaults): seq prefills; mixed prompt lengths and a chunked prefill (s_q < s_k)
+    (2, 2, {"schedule": "auto", "kv_cache": "auto", "prompt_lengths": [8, 5, 3],
+            "prefill_chunk": 2}),
+    (2, 2, {"schedule": "auto", "kv_cache": "dims", "prompt_lengths": [8, 5, 3],
+            "prefill_chunk": 3}),
 ])
 def test_decode_with_kv_cache_matches_tp1(pool4, tmp_path, n, m, extra):
-    results = pool4.run(runtime.decode_matches_tp1, ckpt_dir=str(tmp_path), n=n, m=m,
-                        steps=16, **extra)
+    results = pool4.run(runtime.decode_matches_tp1, ckpt_dir=str(tmp_path), n=n, m=m, **extra)
+    _check_decode(results, n, m, extra)
+
+
+def test_decode_on_eight_ranks_with_the_position_sharded_cache(pool8, tmp_path):
+    extra = {"kv_cache": "positions", "steps": 32}
+    _check_decode(pool8.run(runtime.decode_matches_tp1, ckpt_dir=str(tmp_path), n=2, m=4,
+                            **extra), 2, 4, extra)
+
+
+def _check_decode(results, n, m, extra):
+    steps = extra.get("steps", 16)
     for r in results:
         assert r["tokens_equal"], r["tokens"]
         assert r["logits_err"] < 1e-5
-        assert len(r["tokens"][0]) == 17  # prefill's token + 16 decode steps
+        assert len(r["tokens"][0]) == steps + 1  # prefill's token + the decode steps
     kv_heads = extra.get("kv_heads", 2)
-    # Each rank caches 1/(n*m) of the TP=1 cache whenever n <= g, else one KV head's slice.
-    share = n * m if n <= kv_heads else m * kv_heads
-    assert {r["kv_bytes"] for r in results} == {results[0]["kv_bytes_tp1"] // share}
+    # Each rank caches 1/(n*m) of the TP=1 cache whenever n <= g (else one KV head's part):
+    # the dim-sliced cache d/m dims of every position, the position-sharded one every m-th
+    # position (ceil(L/m) of the L positions) with all d dims.
+    r = results[0]
+    length = r["max_seq"]
+    per_position_and_head = r["kv_bytes_tp1"] // (length * kv_heads)
+    heads = max(kv_heads // n, 1)
+    if r["kv_cache"] == "positions":
+        want = per_position_and_head * -(-length // m) * heads
+    else:
+        want = per_position_and_head * length * heads // m
+    assert {x["kv_bytes"] for x in results} == {want}
+    assert r["kv_cache"] == ("dims" if m == 1 else extra.get("kv_cache", "dims")
+                             if extra.get("kv_cache") != "auto" else "positions")
 
 
 def test_checkpoint_round_trips_are_bit_identical(pool4, tmp_path):

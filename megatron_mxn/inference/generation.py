@@ -28,6 +28,7 @@ class Generation:
     tokens: torch.Tensor  # [b, new_tokens] on the last pipeline stage, else empty
     step_logits: List[torch.Tensor] = field(default_factory=list)  # [b, V] fp32 per step
     kv_cache_bytes: int = 0  # this rank's KV cache, all its layers
+    kv_cache: str = "dims"  # the grid's KV cache layout that ran (dims | positions)
     step_end_s: List[float] = field(default_factory=list)  # end of each step since the start
 
     @property
@@ -160,6 +161,7 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
         for r, length in enumerate(lengths):
             out.tokens[r] = predicted[r, length - shortest:length - shortest + new_tokens]
     out.kv_cache_bytes = kv_cache_bytes(context)
+    out.kv_cache = getattr(context, "mxn_kv_cache", None) or "dims"
     return out
 
 

@@ -20,7 +20,8 @@ def _model(spec: ModelSpec, n: int, m: int, pp: int, grid: bool, seed: int):
 
 
 def generation_matches_tp1(ckpt_dir: str, n: int, m: int, pp: int, grid: bool,
-                           micro_batches: int, steps: int = 8, **model_kwargs):
+                           micro_batches: int, steps: int = 8, kv_cache=None,
+                           **model_kwargs):
     """Tokens and per-step logits of a (grid or TP) x PP layout vs the TP=1 model."""
     spec = ModelSpec(num_layers=4, **model_kwargs)
     prompt = torch.randint(0, 128, (BATCH, PROMPT), generator=torch.Generator().manual_seed(5))
@@ -30,11 +31,12 @@ def generation_matches_tp1(ckpt_dir: str, n: int, m: int, pp: int, grid: bool,
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
     model, pgs = _model(spec, n, m, pp, grid=grid, seed=99)
     load(model, ckpt_dir)
-    got = generate(model, prompt, steps, pgs, micro_batches=micro_batches, keep_logits=True)
+    got = generate(model, prompt, steps, pgs, micro_batches=micro_batches, keep_logits=True,
+                   kv_cache=kv_cache)
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
     if not got.step_logits:  # not the last pipeline stage
         return None
     return {"tokens_equal": torch.equal(got.tokens, want.tokens),
             "logits_err": max(max_rel_err(a, b) for a, b in zip(got.step_logits,
                                                                want.step_logits)),
-            "steps": len(got.step_end_s)}
+            "steps": len(got.step_end_s), "kv_cache": got.kv_cache}

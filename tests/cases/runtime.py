@@ -73,6 +73,8 @@ def decode_matches_tp1(ckpt_dir: str, n: int, m: int, steps: int = 16, schedule:
         "logits_err": max(max_rel_err(a, b) for a, b in zip(got.step_logits, want.step_logits)),
         "kv_bytes": got.kv_cache_bytes,
         "kv_bytes_tp1": want.kv_cache_bytes,
+        "kv_cache": got.kv_cache,
+        "max_seq": max(prompt_lengths or [prompt]) + steps + 1,
         "tokens": got.tokens.tolist(),
     }
 
