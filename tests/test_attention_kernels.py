@@ -212,3 +212,38 @@ def test_offset_causal_chunk_memory_is_linear(monkeypatch):
     assert matrix_mib >= 256
     assert grown < matrix_mib / 4
     assert grown_materialised > matrix_mib / 4  # the meter does see an s_q x s_k tensor
+
+
+@pytest.mark.parametrize("backend", ["auto", "unfused"])
+@pytest.mark.parametrize("hq,hk,sq,sk,masked,dtype", [
+    (4, 2, 1, 37, False, torch.float32),  # a decode step (CPU: the flash op)
+    (4, 1, 1, 37, False, torch.bfloat16),
+    (4, 2, 5, 12, True, torch.float32),  # a prefill chunk: strided causal mask
+    (4, 2, 1, 0, False, torch.float32),  # a rank that owns no position yet
+])
+def test_attention_with_lse_is_a_mergeable_share(backend, hq, hk, sq, sk, masked, dtype):
+    """Two key shares, each through attention_with_lse, merged by their log-sum-exps, give the
+    attention over all keys (the position-sharded KV cache's combination)."""
+    q, k, v = (x.detach() for x in make(hq, hk, sq, 2 * sk, dtype))
+    scale = D ** -0.5
+    hidden = torch.zeros(B, 1, sq, 2 * sk, dtype=torch.bool)
+    if masked:
+        hidden[..., 1::3] = True
+    outs, lses = [], []
+    for share in (slice(0, 2 * sk, 2), slice(1, 2 * sk, 2)):  # even and odd positions
+        out, lse = ak.attention_with_lse(q, k[:, :, share], v[:, :, share], scale=scale,
+                                         mask=hidden[..., share] if masked else None,
+                                         backend=backend)
+        assert out.dtype == lse.dtype == torch.float32 and lse.shape == (B, hq, sq)
+        outs.append(out)
+        lses.append(lse)
+    total = torch.logsumexp(torch.stack(lses), 0)
+    merged = sum(torch.exp(l - total).nan_to_num(0.0).unsqueeze(-1) * o
+                 for o, l in zip(outs, lses))
+    want = reference(q, k, v, scale, False, 0, hidden if masked else None)
+    if sk == 0:
+        assert torch.equal(merged, torch.zeros_like(merged))
+        assert torch.isinf(lses[0]).all() and (lses[0] < 0).all()
+        return
+    err = ((merged.double() - want).abs().max() / want.abs().max()).item()
+    assert err < TOL[dtype], err

@@ -20,6 +20,10 @@ Which path runs (backend "torch"; "auto" is the same: torch's SDPA serves every 
                             CPU is the math kernel, s^2 anyway)
   backend "unfused"         fp32 matmul + masked softmax (+ F.dropout): the reference path
 
+attention_with_lse (the position-sharded KV cache's share of a decode step, merged exactly by
+its log-sum-exp): the CPU flash op without a mask; the unfused fp32 path with a mask (a prefill
+chunk's strided causal mask) and on other devices.
+
 K/V are expanded on non-CPU devices because GQA support differs between CUDA kernels (the
 expansion costs O(s) memory, the math fallback O(s^2)). A row whose keys are all masked gives 0
 (unfused path; torch's SDPA on CPU does the same, CUDA kernels are not checked here).
@@ -73,6 +77,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, q_
         warnings.warn("torch lacks the CPU flash op with log-sum-exp: causal chunks at an offset "
                       "materialise an s_q x s_k mask")
     return _sdpa(q, k, v, scale, _combined_mask(q, k, True, q_offset, None), False, dropout_p)
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+                       mask: Optional[Tensor] = None, backend: str = "auto"):
+    """(out, lse) of softmax(q k^T * scale + mask) v for q [b, hq, sq, d], k/v [b, hk, sk, d]:
+    one rank's share of an attention split over keys, to be merged exactly by the log-sum-exps
+    lse [b, hq, sq] (fp32; -inf and out = 0 for rows without a visible key). out is fp32.
+    mask: bool, broadcastable to [b, hq, sq, sk], True = masked out. Without a mask on CPU it
+    runs the flash op (no score matrix, no fp32 copy of K/V); otherwise the unfused path."""
+    _check(q, k, v, False, 0, None, 0.0, backend)
+    if (backend != "unfused" and mask is None and q.device.type == "cpu" and _HAS_CPU_FLASH
+            and k.shape[2] > 0):  # (the op crashes on an empty key block)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=None, scale=scale)[:2]
+        return out.float(), lse
+    k, v = _expand_kv(k, q.shape[1]).float(), _expand_kv(v, q.shape[1]).float()
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.clamp_min(torch.finfo(lse.dtype).min).unsqueeze(-1))
+    return torch.matmul(probs, v), lse
 
 
 def _check(q, k, v, causal, q_offset, padding_mask, dropout_p, backend) -> None:

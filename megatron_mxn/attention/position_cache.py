@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_mxn.attention import kernels
 from megatron_mxn.attention.schedules import choose_kv_cache
 
 def owned_positions(length: int, dim_slices: int, rank: int) -> int:
@@ -87,22 +88,18 @@ def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: to
     end = start + sq
     k_own, v_own = cache.owned(end, batch)  # positions j, j+m, ...
 
-    # Partial attention in fp32: [b, hk, hq/hk, sq, owned].
-    qg = q.float().permute(1, 2, 0, 3).reshape(b, hk, hq // hk, sq, -1)
-    scores = torch.einsum("bgrqd,kbgd->bgrqk", qg, k_own.float()) * scale
+    # This rank's share: its positions, a partial output and its log-sum-exp (fp32).
     masked = None
     if sq > 1:  # causal over absolute positions (one query sees every cached key)
         key_pos = torch.arange(j, end, m, device=q.device)
         query_pos = torch.arange(start, end, device=q.device)
-        masked = (key_pos[None, :] > query_pos[:, None]).view(1, 1, 1, sq, -1)
+        masked = (key_pos[None, :] > query_pos[:, None]).view(1, 1, sq, -1)
     if padding_mask is not None:
-        cut = padding_mask[..., j:end:m].view(b, 1, 1, sq, -1)
+        cut = padding_mask[..., j:end:m]
         masked = cut if masked is None else masked | cut
-    if masked is not None:
-        scores = scores.masked_fill(masked, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # -inf where this rank owns no visible key
-    probs = torch.exp(scores - lse.clamp_min(torch.finfo(lse.dtype).min).unsqueeze(-1))
-    partial = torch.einsum("bgrqk,kbgd->bgrqd", probs, v_own.float())
+    partial, lse = kernels.attention_with_lse(
+        q.permute(1, 2, 0, 3), k_own.permute(1, 2, 0, 3), v_own.permute(1, 2, 0, 3),
+        scale=scale, mask=masked)  # [b, hq, sq, d], [b, hq, sq]
 
     # Exact combination: weights exp(L_j - L); rank j keeps dims j of the weighted sum.
     lses = lse.new_empty((m * lse.size(0), *lse.shape[1:]))
