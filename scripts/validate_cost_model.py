@@ -79,7 +79,7 @@ def main() -> int:
                     continue
                 report = json.loads(report_path.read_text())
                 micro = report["workload"]["micro_batches"]
-                layout = replace(layout, micro_batches=micro)
+                layout = replace(layout, micro_batches=micro, kv_cache=report["kv_cache"])
                 ok_comm = ok_w = ok_kv = True
                 for stage, got in report["per_stage"].items():
                     stage = int(stage)

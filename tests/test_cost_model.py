@@ -33,6 +33,25 @@ def test_measured_equals_predicted(request, n, m, pp, grid, schedule, extra):
         assert r["kv"][0] == r["kv"][1], r
 
 
+@pytest.mark.parametrize("n,m,schedule", [(2, 2, "exact"), (1, 4, "auto")],
+                         ids=["grid2x2-exact", "grid1x4-auto"])
+def test_position_cache_measured_equals_predicted(pool4, n, m, schedule):
+    """The position-sharded KV cache: the prefill (exact: the schedule plus the K/V gathers
+    that fill the cache; auto: seq, which hands its gathered K/V over) and each decode step
+    as predicted, and a decode step sends the same bytes at prompt 16 as at prompt 48."""
+    decode = {}
+    for prompt_len in (16, 48):
+        for r in pool4.run(measured_vs_predicted, n=n, m=m, pp=1, grid=True, schedule=schedule,
+                           kv_cache="positions", prompt_len=prompt_len):
+            for step, (measured, predicted) in enumerate(r["steps"]):
+                assert measured == predicted, (r["rank"], step, measured, predicted)
+            assert r["per_layer"][0], r["per_layer"]
+            assert r["kv"][0] == r["kv"][1], r
+            decode.setdefault(r["rank"], []).append(r["decode_sent"])
+    for rank, (short, long) in decode.items():
+        assert short == long and short["dim-slice"] > 0, (rank, short, long)
+
+
 def test_layout_rules_are_named():
     model = ModelShape(layers=4, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
                        vocab=128256)
@@ -49,3 +68,6 @@ def test_layout_rules_are_named():
     with pytest.raises(MxnConfigError, match=r"num_layers \(4\) must be divisible by PP \(3\)"):
         check_layout(model, Layout(tp=8, pp=3))
     check_layout(model, Layout(tp=16, dim_slices=4))  # the seed's grid 4x4
+    with pytest.raises(MxnConfigError, match=r"kv_cache must be one of \('auto', 'dims', "
+                                             r"'positions'\), got 'rows'"):
+        Layout(tp=16, dim_slices=4, kv_cache="rows")

@@ -13,7 +13,8 @@ from megatron_mxn.analysis.plan import config_layouts
 from tests.launch import REPO, run_ranks_apart, torchrun
 
 CPU_DENSE = str(REPO / "configs" / "cpu_dense.yaml")
-LAYOUT_NAMES = ["TP=2 PP=2", "grid 2x2", "TP=4"]
+GRID = "grid 2x2 KV-by-position"  # (--mxn-kv-cache auto picks the positions cache here)
+LAYOUT_NAMES = ["TP=2 PP=2", GRID, "TP=4"]
 METRICS = ["output_tokens_per_s", "total_tokens_per_s", "tpot_median_s", "tpot_p90_s", "ttft_s",
            "kv_cache_bytes_per_rank", "peak_memory_bytes_per_rank"]
 
@@ -36,9 +37,11 @@ def test_ab_driver_writes_md_csv_png_with_identical_tokens(cpu_dense_ab):
     hashes = {r["median"] for r in rows if r["metric"] == "tokens_sha256"}
     assert len(hashes) == 1
     dim_slice = [r for r in rows if r["metric"] == "sent_bytes_per_layer_step_dim-slice"]
-    assert [r["layout"] for r in dim_slice] == ["grid 2x2"]  # only the grid reduces scores
+    assert [r["layout"] for r in dim_slice] == [GRID]  # only the grid has dim slices
     kv = {r["layout"]: float(r["median"]) for r in rows if r["metric"] == "kv_cache_bytes_per_rank"}
-    assert kv["grid 2x2"] == kv["TP=2 PP=2"] == kv["TP=4"] / 2  # TP=4 > 2 KV heads replicates
+    # TP=4 > 2 KV heads replicates; the positions cache holds the dims cache's bytes when m
+    # divides the sequence length (prompt 24 + 16 new tokens)
+    assert kv[GRID] == kv["TP=2 PP=2"] == kv["TP=4"] / 2
     png = (results / "ab.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -50,10 +53,12 @@ def test_generation_reports_the_collectives_the_cost_model_predicts(cpu_dense_ab
     cfg = load_config(CPU_DENSE)
     model = ModelShape.from_flags(cfg["model"])
     for name, layouts in config_layouts(cfg, 4).items():
-        layout = layouts[0]  # (the grid's first schedule: exact, which the A/B ran)
         report = json.loads((results / "ab" / "cpu_dense" / f"{name}.json").read_text())
         w = report["workload"]
-        layout = dataclasses.replace(layout, micro_batches=w["micro_batches"])
+        # the schedule and the (resolved) KV cache the run used
+        layout = dataclasses.replace(layouts[0], schedule=report["schedule"],
+                                     kv_cache=report["kv_cache"],
+                                     micro_batches=w["micro_batches"])
         assert sorted(report["per_stage"]) == [str(s) for s in range(layout.pp)]
         for stage, got in report["per_stage"].items():
             want = [count_rows(step_collectives(model, layout, w["batch"], w["prompt_length"],
@@ -112,4 +117,4 @@ def test_generation_job_exits_cleanly_every_time(cpu_dense_checkpoint, tmp_path)
         logs = "".join(run.rank_logs.values())
         assert run.returncode == 0, (k, run.output[-3000:], logs[-3000:])
         assert "terminate called" not in logs, k
-        assert json.loads(report.read_text())["layout"]["name"] == "grid 2x2"
+        assert json.loads(report.read_text())["layout"]["name"] == GRID

@@ -15,7 +15,13 @@ from typing import Dict, Optional
 
 from megatron_mxn.analysis.accounting import CommRecord
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
-from megatron_mxn.attention.schedules import ScoreShape, choose, collectives
+from megatron_mxn.attention.schedules import (
+    KV_CACHES,
+    ScoreShape,
+    cached_call_collectives,
+    choose_kv_cache,
+    decode_context,
+)
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,11 @@ class Layout:
     ep: int = 1
     etp: int = 1
     micro_batches: Optional[int] = None  # inference micro-batches (default: pp)
+    kv_cache: str = "dims"  # the grid's KV cache: dims | positions | auto (resolve_kv_cache)
+
+    def __post_init__(self):
+        if self.kv_cache not in KV_CACHES:
+            raise MxnConfigError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
 
     @property
     def head_groups(self) -> int:
@@ -97,8 +108,9 @@ class Layout:
     def name(self) -> str:
         pp = f" PP={self.pp}" if self.pp > 1 else ""
         dp = f" DP={self.dp}" if self.dp > 1 else ""
-        if self.dim_slices > 1:
-            return f"grid {self.head_groups}x{self.dim_slices}{pp}{dp} {self.schedule}"
+        if self.dim_slices > 1:  # (the cache's suffix as generate.layout_name's)
+            cache = {"positions": " KV-by-position", "auto": " KV-auto"}.get(self.kv_cache, "")
+            return f"grid {self.head_groups}x{self.dim_slices}{pp}{dp} {self.schedule}{cache}"
         return f"TP={self.tp}{pp}{dp}"
 
 
@@ -146,6 +158,32 @@ def kv_heads_per_rank(model: ModelShape, layout: Layout) -> int:
     return max(model.kv_heads // _attention_split(layout), 1)
 
 
+def score_shape(model: ModelShape, layout: Layout, mb: int, sq: int, sk: int) -> ScoreShape:
+    """What one rank's attention core sees in one call (attention.schedules)."""
+    m = layout.dim_slices
+    return ScoreShape(mb, heads_per_rank(model, layout), kv_heads_per_rank(model, layout), sq,
+                      sk, model.head_dim // m, m, model.elem_bytes)
+
+
+def resolve_kv_cache(model: ModelShape, layout: Layout, mb: int, prompt: int,
+                     new_tokens: int) -> Layout:
+    """The layout with the KV cache a generation of `new_tokens` after `prompt` runs: `auto`
+    resolved as megatron_mxn.inference.generate does (the cheaper decode step at the mean
+    context length), so that predictions follow the run."""
+    if layout.kv_cache != "auto":
+        return layout
+    shape = score_shape(model, layout, mb, 1, decode_context(prompt, new_tokens))
+    return replace(layout, kv_cache=choose_kv_cache("auto", layout.schedule, shape))
+
+
+def _kv_cache(layout: Layout) -> str:
+    """The layout's resolved KV cache; `auto` depends on the workload, so it is refused."""
+    if layout.kv_cache == "auto":
+        raise MxnConfigError(f"{layout.name}: kv_cache 'auto' depends on the workload; resolve "
+                             "it with cost_model.resolve_kv_cache first")
+    return layout.kv_cache
+
+
 def _record(op: str, group: str, size: int, payload: int, inside: bool = True) -> CommRecord:
     return CommRecord(op, group, size, int(payload), inside)
 
@@ -169,8 +207,8 @@ def layer_collectives(model: ModelShape, layout: Layout, mb: int, sq: int, sk: i
             out[_record("all_reduce", "dim-slice", m, sq * mb * (h // n) * 4)] += per
             out[_record("all_reduce", "dim-slice", m,
                         sq * mb * kv_heads_per_rank(model, layout) * 4)] += per
-        shape = ScoreShape(mb, h // n, kv_heads_per_rank(model, layout), sq, sk, d // m, m, e)
-        for op, payload in collectives(choose(layout.schedule, shape), shape):
+        shape = score_shape(model, layout, mb, sq, sk)
+        for op, payload in cached_call_collectives(layout.schedule, _kv_cache(layout), shape):
             out[_record(op, "dim-slice", m, payload)] += 1
     if tp > 1:
         out[_record("all_reduce", "TP", tp, sq * mb * hidden * e)] += 1  # attention output
@@ -243,9 +281,13 @@ def weight_bytes(model: ModelShape, layout: Layout, stage: int = 0) -> int:
 
 def kv_cache_bytes(model: ModelShape, layout: Layout, batch: int, context: int) -> int:
     """K and V cache of one rank: its KV heads (whole ones under TP; replicated once TP > g)
-    and, on the grid, its d/m dims of each, for `context` positions of `batch` sequences."""
-    dims = model.head_dim // layout.dim_slices
-    return (2 * batch * context * kv_heads_per_rank(model, layout) * dims * model.elem_bytes
+    for `context` positions of `batch` sequences; on the grid its d/m dims of each position
+    (dims cache) or all d dims of its ceil(context/m) positions (positions cache)."""
+    m = layout.dim_slices
+    positions, dims = context, model.head_dim // m
+    if m > 1 and _kv_cache(layout) == "positions":
+        positions, dims = -(-context // m), model.head_dim
+    return (2 * batch * positions * kv_heads_per_rank(model, layout) * dims * model.elem_bytes
             * (model.layers // layout.pp))
 
 

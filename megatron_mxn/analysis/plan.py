@@ -1,13 +1,15 @@
 """Which layout wins, before renting the GPUs: `python -m megatron_mxn.analysis.plan --config X.yaml`.
 
 Enumerates every layout of the cluster's GPUs that the model allows (TP x PP x DP, and grid
-n x m x PP x DP with the exact, gather and auto schedules; the baseline TP=8 PP=2 is always
-shown), and predicts per rank: weight, activation and KV-cache memory, bytes sent per layer on
+n x m x PP x DP with the exact, gather, seq and auto schedules and, for inference, each KV
+cache: dims, positions, auto; the baseline TP=8 PP=2 is always shown), and predicts per
+rank: weight, activation and KV-cache memory, bytes sent per layer on
 intra-node and inter-node links (megatron_mxn.analysis.cost_model: exact for dense models, checked
 against measurement), and the time of a step from a roofline per layer (matmul FLOP/s vs HBM
 bandwidth) plus alpha-beta collectives, the pipeline's micro-batch slots per step and, for
 training, the data-parallel gradient all-reduce. Markdown on stdout; `--out PREFIX`
-also writes PREFIX.csv and PREFIX.png.
+also writes PREFIX.csv and PREFIX.png. `--kv-cache-sweep` instead compares the grid's two KV
+caches with TP over context length x batch (decode bytes, KV memory, TPOT).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import csv
 import math
 import sys
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 
@@ -32,11 +34,13 @@ from megatron_mxn.analysis.cost_model import (
     kv_heads_per_rank,
     layer_collectives,
     layer_weight_bytes,
+    resolve_kv_cache,
+    score_shape,
     step_collectives,
     weight_bytes,
 )
 from megatron_mxn.grid.layout import MxnConfigError
-from megatron_mxn.attention.schedules import ScoreShape, choose, score_memory_bytes
+from megatron_mxn.attention.schedules import choose, score_memory_bytes
 
 
 @dataclass(frozen=True)
@@ -100,10 +104,13 @@ def divisors(x: int) -> List[int]:
 
 
 GRID_SCHEDULES = ("exact", "gather", "seq", "auto")  # the planner's choices for a grid
+GRID_KV_CACHES = ("dims", "positions", "auto")  # ... and for a grid's inference
 
 
-def candidate_layouts(model: ModelShape, gpus: int) -> List[Layout]:
-    """Every TP x PP x DP and grid n x m x PP x DP (each schedule) the rules allow."""
+def candidate_layouts(model: ModelShape, gpus: int,
+                      kv_caches: Sequence[str] = ("dims",)) -> List[Layout]:
+    """Every TP x PP x DP and grid n x m x PP x DP (each schedule and KV cache of
+    `kv_caches`) the rules allow."""
     out = []
     for pp in divisors(gpus):
         if model.layers % pp:
@@ -112,9 +119,10 @@ def candidate_layouts(model: ModelShape, gpus: int) -> List[Layout]:
             dp = gpus // (pp * tp)
             expert = _expert_layout(model, tp * dp)
             for m in divisors(tp):
-                for schedule in (("exact",) if m == 1 else GRID_SCHEDULES):
+                grid = [(sc, kv) for sc in GRID_SCHEDULES for kv in kv_caches]
+                for schedule, kv in ([("exact", "dims")] if m == 1 else grid):
                     layout = Layout(tp=tp, pp=pp, dp=dp, dim_slices=m, schedule=schedule,
-                                    **expert)
+                                    kv_cache=kv, **expert)
                     try:
                         check_layout(model, layout)
                     except MxnConfigError:
@@ -164,13 +172,17 @@ def _moe_collectives(model: ModelShape, layout: Layout, tokens: int) -> Dict[Com
 
 def layer_time(model: ModelShape, layout: Layout, cluster: Cluster, mb: int, sq: int,
                sk: int) -> dict:
-    """Roofline compute/memory time plus collectives of one layer for one micro-batch."""
+    """Roofline compute/memory time plus collectives of one layer for one micro-batch. The
+    positions cache's calls after a prefill read 1/m of the positions with all d dims: the
+    same FLOPs and KV bytes as the dims cache's d/m dims of all, 1/m of the scores."""
     m, e = layout.dim_slices, model.elem_bytes
     heads, kvh = heads_per_rank(model, layout), kv_heads_per_rank(model, layout)
     d_local = model.head_dim // m
     schedule = "exact"
     if m > 1:
-        schedule = choose(layout.schedule, ScoreShape(mb, heads, kvh, sq, sk, d_local, m, e))
+        schedule = choose(layout.schedule, score_shape(model, layout, mb, sq, sk))
+        if layout.kv_cache == "positions" and not sq == sk > 1:
+            schedule = "positions"
     d_scores = model.head_dim if schedule == "gather" else d_local  # (seq: all d, 1/m of sq)
     layer_w = layer_weight_bytes(model, layout)
     active = layer_w
@@ -178,6 +190,8 @@ def layer_time(model: ModelShape, layout: Layout, cluster: Cluster, mb: int, sq:
         active = layer_w * min(1.0, model.topk / model.experts * layout.ep)
     flops = 2 * mb * sq * active / e + 2 * mb * heads * sq * sk * (d_scores + d_local)
     scores = 0 if schedule == "seq" else 2 * mb * heads * sq * sk * 4  # (fused: on chip)
+    if schedule == "positions":
+        scores //= m
     hbm = active + 2 * mb * sk * kvh * d_local * e + scores
     compute = max(flops / (cluster.flops * cluster.efficiency),
                   hbm / (cluster.hbm_bw * cluster.efficiency)) + cluster.layer_overhead
@@ -189,25 +203,27 @@ def layer_time(model: ModelShape, layout: Layout, cluster: Cluster, mb: int, sq:
 
 def _core_memory(model: ModelShape, layout: Layout, mb: int, sq: int, sk: int) -> int:
     """Activations of one attention core call per rank (attention.schedules)."""
-    m = layout.dim_slices
-    shape = ScoreShape(mb, heads_per_rank(model, layout), kv_heads_per_rank(model, layout), sq, sk,
-                       model.head_dim // m, m, model.elem_bytes)
-    schedule = choose(layout.schedule, shape) if m > 1 else "exact"
+    shape = score_shape(model, layout, mb, sq, sk)
+    schedule = choose(layout.schedule, shape) if layout.dim_slices > 1 else "exact"
     return score_memory_bytes(schedule, shape)
 
 
 def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload) -> dict:
-    """Memory per rank and predicted times of one layout."""
+    """Memory per rank and predicted times of one layout (a KV cache `auto` as the run would
+    resolve it for this workload)."""
     stages = range(layout.pp)
     weights = max(weight_bytes(model, layout, s) for s in stages)
     layers = model.layers // layout.pp
     micro = layout.micro_batches or layout.pp
+    grid = layout.dim_slices > 1
     row = {"layout": layout.name, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
-           "m": layout.dim_slices, "schedule": layout.schedule if layout.dim_slices > 1 else "-",
-           "weights_B": weights}
+           "m": layout.dim_slices, "schedule": layout.schedule if grid else "-",
+           "kv_cache_requested": layout.kv_cache if grid else "-", "weights_B": weights}
     if work.kind == "infer":
         per_replica = work.batch // layout.dp
         mb = max(per_replica // micro, 1)
+        layout = resolve_kv_cache(model, layout, mb, work.prompt, work.new_tokens)
+        row["kv_cache"] = layout.kv_cache
         context = work.prompt + work.new_tokens
         row["kv_B"] = kv_cache_bytes(model, layout, per_replica, context)
         heads = heads_per_rank(model, layout)
@@ -239,10 +255,13 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
         total = row["ttft_s"] + (work.new_tokens - 1) * row["tpot_s"]
         row["tokens_per_s"] = work.batch * work.new_tokens / total
         d = phases["decode"]
+        picks = [f"{phases['prefill']['schedule']}/{d['schedule']}"] * (layout.schedule == "auto")
+        picks += [f"KV {layout.kv_cache}"] * (row["kv_cache_requested"] == "auto")
         row.update(intra_B=d["intra_B"], inter_B=d["inter_B"], comm_s=d["step_comm_s"],
                    compute_s=d["step_compute_s"], slots=d["slots"],
-                   picks=f"{phases['prefill']['schedule']}/{d['schedule']}")
+                   picks=", ".join(picks) or "-")
     else:
+        layout = replace(layout, kv_cache="dims")  # (training keeps no KV cache)
         micro_batches = max(work.batch // (work.micro_batch * layout.dp), 1)
         t = layer_time(model, layout, cluster, work.micro_batch, work.seq, work.seq)
         params = weights / model.elem_bytes
@@ -267,7 +286,7 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
         row.update(intra_B=2 * t["intra_B"], inter_B=2 * t["inter_B"], slots=slots,
                    comm_s=slots * layers * 2 * (t["intra_s"] + t["inter_s"]) + dp["intra_s"]
                    + dp["inter_s"], compute_s=slots * layers * 3 * t["compute_s"],
-                   picks=t["schedule"])
+                   picks=t["schedule"] if layout.schedule == "auto" else "-")
     row["memory_B"] = row["weights_B"] + row["kv_B"] + row["act_B"] + row.get("opt_B", 0)
     row["fits"] = row["memory_B"] <= 0.9 * cluster.hbm_bytes
     return row
@@ -288,7 +307,8 @@ BASELINE = Layout(tp=8, pp=2)
 
 
 def config_layouts(cfg: dict, gpus: int) -> Dict[str, List[Layout]]:
-    """The layouts a config names (a grid without --mxn-attention: each schedule)."""
+    """The layouts a config names (a grid without --mxn-attention: each schedule), with their
+    --mxn-kv-cache (default auto, as megatron_mxn.inference.generate's)."""
     out = {}
     for name, flags in (cfg.get("layouts") or {}).items():
         f = {str(k).replace("_", "-"): v for k, v in (flags or {}).items()}
@@ -299,7 +319,8 @@ def config_layouts(cfg: dict, gpus: int) -> Dict[str, List[Layout]]:
         schedules = [f["mxn-attention"]] if "mxn-attention" in f else (
             list(GRID_SCHEDULES) if m > 1 else ["exact"])
         out[name] = [Layout(tp=tp, pp=pp, dp=max(gpus // (tp * pp), 1), dim_slices=m,
-                            schedule=sc) for sc in schedules]
+                            schedule=sc, kv_cache=str(f.get("mxn-kv-cache", "auto")))
+                     for sc in schedules]
     return out
 
 
@@ -307,10 +328,12 @@ def plan(model: ModelShape, cluster: Cluster, work: Workload,
          named: Optional[Dict[str, List[Layout]]] = None) -> List[dict]:
     """Every layout that fits, best first; the baseline and the `named` ones always (flagged
     when they do not fit)."""
-    rows = [predict(model, layout, cluster, work)
-            for layout in candidate_layouts(model, cluster.gpus)]
+    infer = work.kind == "infer"
+    rows = [predict(model, layout, cluster, work) for layout in candidate_layouts(
+        model, cluster.gpus, GRID_KV_CACHES if infer else ("dims",))]
     for name, layouts in (named or {}).items():
         for layout in layouts:
+            layout = layout if infer else replace(layout, kv_cache="dims")
             hit = [r for r in rows if r["layout"] == layout.name]
             if not hit:
                 check_layout(model, layout)
@@ -385,7 +408,7 @@ def to_markdown(rows: List[dict], model_name: str, cluster: Cluster, work: Workl
                                                      else "")
         name = r["layout"] + (f" ({tag})" if tag else "") + (
             "" if r["fits"] else " (does not fit)")
-        picks = r["picks"] if r["schedule"] == "auto" else "-"
+        picks = r["picks"]
         if work.kind == "infer":
             cells = [r.get("rank", "-"), name, picks, _mib(r["weights_B"]), _mib(r["kv_B"]),
                      _mib(r["act_B"]), _mib(r["intra_B"]), _mib(r["inter_B"]),
@@ -400,6 +423,67 @@ def to_markdown(rows: List[dict], model_name: str, cluster: Cluster, work: Workl
               f"{len(rows)} layouts fit in {0.9 * cluster.hbm_bytes / 2**30:.1f} GiB per GPU. "
               "Predicted, not measured: roofline per layer at "
               f"{cluster.efficiency:.0%} of peak, alpha-beta collectives, ring all-reduce."]
+    return "\n".join(lines)
+
+
+def sweep_layouts(model: ModelShape, cfg: dict, gpus: int,
+                  grids: Optional[str] = None) -> List[Layout]:
+    """The KV-cache sweep's columns: the baseline, TP over all GPUs, and each grid of `grids`
+    ("4x2,4x4": n x m with the auto schedule, DP over the other GPUs) or else of the config
+    (its schedule; auto when it names none), with the dims and with the positions cache."""
+    out = [replace(BASELINE, dp=max(gpus // BASELINE.world, 1)), Layout(tp=gpus)]
+    if grids:
+        chosen = []
+        for nm in grids.split(","):
+            n, m = _ints(nm.replace("x", ","))
+            chosen.append(Layout(tp=n * m, dp=max(gpus // (n * m), 1), dim_slices=m,
+                                 schedule="auto"))
+    else:
+        named = [x for xs in config_layouts(cfg, gpus).values() for x in xs if x.dim_slices > 1]
+        chosen = [x for x in named if x.schedule == "auto"] or named[:1]
+    out += [replace(x, kv_cache=kv) for x in chosen for kv in ("dims", "positions")]
+    unique = {x.name: x for x in out}
+    for layout in unique.values():
+        check_layout(model, layout)
+    return list(unique.values())
+
+
+def kv_cache_sweep(model: ModelShape, cluster: Cluster, layouts: List[Layout],
+                   contexts: Sequence[int], batches: Sequence[int], new_tokens: int,
+                   prefill_chunk: int = 0) -> str:
+    """Where each KV cache wins: per context length (KV positions after the generation of
+    `new_tokens`) the decode bytes per layer and step and the KV bytes per rank of one
+    sequence per replica (both grow linearly with the batch), then the predicted TPOT per
+    batch (split over the DP replicas)."""
+    def row(layout: Layout, context: int, batch: int) -> dict:
+        batch = max(batch, layout.dp)  # (fewer sequences than replicas: one per busy replica)
+        micro = min(layout.pp, batch // layout.dp)  # (and fewer micro-batches than PP)
+        layout = replace(layout, micro_batches=micro)
+        r = predict(model, layout, cluster, Workload(
+            "infer", batch, context - new_tokens, new_tokens, prefill_chunk=prefill_chunk))
+        return {**r, "sent_B": (r["intra_B"] + r["inter_B"]) * micro}
+
+    names = [x.name for x in layouts]
+    head = ["| context | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    lines = [f"Per sequence (batch 1): decode bytes sent per layer and step / KV cache per rank "
+             f"({model.layers} layers; {new_tokens} new tokens)", "", *head]
+    for c in contexts:
+        cells = [row(x, c, 1) for x in layouts]
+        lines.append(f"| {c // 1024}K | " + " | ".join(
+            f"{_mib(r['sent_B'])} / {_mib(r['kv_B'])}" for r in cells) + " |")
+    chunks = f"prefill chunks of {prefill_chunk}" if prefill_chunk else "one prefill"
+    lines += ["", f"Predicted TPOT ms (*: KV cache, weights and {chunks}'s activations do not "
+              "fit)", "",
+              head[0].replace("| context |", "| context | batch |") + " fastest |",
+              "|" + "---|" * (len(names) + 3)]
+    for c in contexts:
+        for b in batches:
+            cells = [row(x, c, b) for x in layouts]
+            fits = [r for r in cells if r["fits"]]
+            best = min(fits, key=lambda r: r["tpot_s"])["layout"] if fits else "-"
+            lines.append(f"| {c // 1024}K | {b} | " + " | ".join(
+                f"{r['tpot_s'] * 1e3:.3f}" + ("" if r["fits"] else "*") for r in cells)
+                + f" | {best} |")
     return "\n".join(lines)
 
 
@@ -429,6 +513,13 @@ def write_png(path: str, rows: List[dict], title: str, top: int) -> None:
     plt.close(fig)
 
 
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise MxnConfigError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="model YAML (configs/)")
@@ -448,6 +539,14 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=None, help="override the cluster's GPU count")
     p.add_argument("--top", type=int, default=12, help="rows shown (the baseline always)")
     p.add_argument("--out", default=None, help="also write OUT.csv and OUT.png")
+    p.add_argument("--kv-cache-sweep", action="store_true",
+                   help="instead: the baseline, TP and the config's grids with each KV cache "
+                        "over --contexts x --batches (decode bytes, KV bytes, TPOT)")
+    p.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072",
+                   help="--kv-cache-sweep: KV positions after the generation (comma-separated)")
+    p.add_argument("--batches", default="1,8,32", help="--kv-cache-sweep: batch sizes")
+    p.add_argument("--grids", default=None,
+                   help="--kv-cache-sweep: grids n x m (e.g. 4x2,4x4); default: the config's")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     model = ModelShape.from_flags(cfg.get("model") or {})
@@ -465,8 +564,14 @@ def main(argv=None) -> int:
         new_tokens=args.new_tokens or int(inf.get("max-new-tokens", 16)),
         seq=args.seq or int((cfg.get("model") or {}).get("seq-length", 1024)),
         micro_batch=args.micro_batch, prefill_chunk=args.prefill_chunk)
-    rows = plan(model, cluster, work, config_layouts(cfg, cluster.gpus))
     name = args.config.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    if args.kv_cache_sweep:
+        print(f"## {name} on {cluster.name} ({cluster.gpus} GPUs): decode with each KV cache\n")
+        print(kv_cache_sweep(model, cluster, sweep_layouts(model, cfg, cluster.gpus, args.grids),
+                             _ints(args.contexts), _ints(args.batches), work.new_tokens,
+                             args.prefill_chunk))
+        return 0
+    rows = plan(model, cluster, work, config_layouts(cfg, cluster.gpus))
     text = to_markdown(rows, name, cluster, work, args.top)
     print(text)
     if args.out:

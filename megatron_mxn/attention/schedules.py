@@ -100,6 +100,12 @@ def score_memory_bytes(schedule: str, s: ScoreShape) -> int:
 KV_CACHES = ("auto", "dims", "positions")
 
 
+def decode_context(prompt: int, new_tokens: int) -> int:
+    """The mean context length of a generation's decode steps, at which `auto` picks the
+    cache (one choice for the whole run: both caches hold every position)."""
+    return prompt + (new_tokens + 1) // 2
+
+
 def position_cache_collectives(s: ScoreShape):
     """[(op, payload bytes)] of one call through the position-sharded KV cache
     (attention/position_cache.py): all-gather of the new q, k, v dims, all-gather of the fp32

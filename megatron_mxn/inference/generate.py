@@ -335,7 +335,7 @@ def layout_name(args, kv_cache: str = "dims") -> str:
 def resolve_kv_cache(gen, args, prompt_length: int, micro: int) -> str:
     """--mxn-kv-cache auto: the cache whose decode step sends fewer bytes at the run's mean
     context length (schedules.choose_kv_cache); the same on every rank."""
-    from megatron_mxn.attention.schedules import ScoreShape, choose_kv_cache
+    from megatron_mxn.attention.schedules import ScoreShape, choose_kv_cache, decode_context
 
     m = args.mxn_dim_slices
     if m == 1:
@@ -345,7 +345,7 @@ def resolve_kv_cache(gen, args, prompt_length: int, micro: int) -> str:
     d = args.kv_channels
     elem = 2 if (args.bf16 or args.fp16) else 4
     shape = ScoreShape(gen.batch_size // micro, h // n, max(g // n, 1), 1,
-                       prompt_length + (gen.max_new_tokens + 1) // 2, d // m, m, elem)
+                       decode_context(prompt_length, gen.max_new_tokens), d // m, m, elem)
     return choose_kv_cache(gen.mxn_kv_cache, args.mxn_attention, shape)
 
 

@@ -31,7 +31,8 @@ def shape_of(spec: ModelSpec) -> ModelShape:
 
 
 def measured_vs_predicted(n: int, m: int, pp: int, grid: bool, schedule: str = "exact",
-                          micro_batches: int = 2, **model_kwargs):
+                          micro_batches: int = 2, kv_cache: str = "dims", prompt_len: int = PROMPT,
+                          **model_kwargs):
     spec = ModelSpec(num_layers=4, **model_kwargs)
     pgs = megatron_mxn.initialize_mxn_parallel(n, m, pipeline_model_parallel_size=pp,
                                                create_gloo_process_groups=False)
@@ -40,7 +41,8 @@ def measured_vs_predicted(n: int, m: int, pp: int, grid: bool, schedule: str = "
     model = build_model(spec, config, pgs, grid=grid, max_seq=64).eval()
     g = megatron_mxn.get_grid()
     labels = {"TP": pgs.tp, **g.labels(), "PP": pgs.pp}
-    prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, VOCAB, (BATCH, prompt_len),
+                           generator=torch.Generator().manual_seed(1))
     steps, layer_bytes = [], []
 
     def before_step(step):
@@ -49,19 +51,20 @@ def measured_vs_predicted(n: int, m: int, pp: int, grid: bool, schedule: str = "
 
     with CommCounter(labels) as counter:
         counter.mark_inside(model.decoder.layers)
-        result = generate(model, prompt, NEW, pgs, micro_batches, before_step=before_step)
+        result = generate(model, prompt, NEW, pgs, micro_batches, before_step=before_step,
+                          kv_cache=kv_cache)
         before_step(NEW)
     measured = steps[1:]  # the counts of step k are taken when step k + 1 starts
     layout = Layout(tp=n * m, pp=pp, dim_slices=m if grid else 1, schedule=schedule,
-                    micro_batches=micro_batches)
+                    micro_batches=micro_batches, kv_cache=kv_cache)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     shape = shape_of(spec)
-    predicted = [step_collectives(shape, layout, BATCH, PROMPT, k, NEW, stage)
+    predicted = [step_collectives(shape, layout, BATCH, prompt_len, k, NEW, stage)
                  for k in range(NEW)]
     # Every layer of this stage sends, in a decode step, what layer_collectives predicts.
     mb = BATCH // micro_batches
     want_layer = {group: sent * micro_batches for group, sent in sent_bytes_by_group(
-        layer_collectives(shape, layout, mb, 1, PROMPT + NEW - 1)).items()}
+        layer_collectives(shape, layout, mb, 1, prompt_len + NEW - 1)).items()}
     last_decode = layer_bytes[-1]
     layer_ok = (len(last_decode) == spec.num_layers // pp
                 and all(by == want_layer for by in last_decode.values()))
@@ -69,7 +72,8 @@ def measured_vs_predicted(n: int, m: int, pp: int, grid: bool, schedule: str = "
     out = {"rank": dist.get_rank(), "per_layer": (layer_ok, last_decode, want_layer),
            "steps": [(count_rows(a), count_rows(b)) for a, b in zip(measured, predicted)],
            "weights": (params, weight_bytes(shape, layout, stage)),
-           "kv": (result.kv_cache_bytes, kv_cache_bytes(shape, layout, BATCH, PROMPT + NEW))}
+           "kv": (result.kv_cache_bytes, kv_cache_bytes(shape, layout, BATCH, prompt_len + NEW)),
+           "decode_sent": sent_bytes_by_group(measured[-1])}
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
     return out
 
