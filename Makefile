@@ -23,7 +23,7 @@ demo: $(STAMP)
 ab: $(STAMP)
 	$(PY) scripts/ab_compare.py --config configs/cpu_dense.yaml --config configs/cpu_moe.yaml --run ab-cpu
 
-ab-long: $(STAMP)  # the context sweep (~N min on 2 CPU cores)
+ab-long: $(STAMP)  # the context sweep: ~11 min on 2 CPU cores (README)
 	$(PY) scripts/ab_compare.py --config configs/cpu_long.yaml --layouts baseline,tp,grid,grid_dims \
 		--prompt-lengths 512,2048,4096,8192 --run ab-long
 
