@@ -1,4 +1,4 @@
-# One command each on a fresh machine: `make demo`, `make test` (and `make ab`: the CPU A/B).
+# One command each on a fresh machine: `make demo`, `make test` (`make ab`, `make ab-long`: the CPU A/Bs).
 # Each creates the virtual environment (Python 3.12, pinned deps) when it is missing.
 
 VENV ?= .venv
@@ -6,7 +6,7 @@ PYTHON ?= $(shell scripts/find_python.sh)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements-ci.txt setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: demo test ab plan bench-attention gpu-check venv clean
+.PHONY: demo test ab ab-long plan bench-attention gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 ab: $(STAMP)
 	$(PY) scripts/ab_compare.py --config configs/cpu_dense.yaml --config configs/cpu_moe.yaml --run ab-cpu
+
+ab-long: $(STAMP)  # the context sweep: ~11 min on 2 CPU cores (README)
+	$(PY) scripts/ab_compare.py --config configs/cpu_long.yaml --layouts baseline,tp,grid,grid_dims \
+		--prompt-lengths 512,2048,4096,8192 --run ab-long
 
 plan: $(STAMP)
 	$(PY) -m megatron_mxn.analysis.plan --config configs/paper_dense.yaml

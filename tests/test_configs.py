@@ -56,3 +56,40 @@ def test_unknown_layout_lists_the_layouts():
     with pytest.raises(MxnConfigError, match=r"no layout 'grid4' \(layouts: \['baseline', "
                                              r"'grid', 'tp'\]\)"):
         expand_config_args(["--config", str(CONFIGS[0]), "--layout", "grid4"])
+
+
+def test_cpu_long_grid_layouts_pass_their_kv_cache_to_generate_only(known):
+    from megatron_mxn.inference.generate import split_argv
+
+    path = str(CONFIGS[0].parent / "cpu_long.yaml")
+    for layout, cache in (("grid", "positions"), ("grid_dims", "dims"), ("tp", "auto")):
+        gen, megatron_argv = split_argv(["--config", path, "--layout", layout, "--load", "x"])
+        assert gen.mxn_kv_cache == cache and "--mxn-kv-cache" not in megatron_argv
+        assert (gen.batch_size, gen.prompt_length) == (2, 4096)
+        train = expand_config_args(["--config", path, "--layout", layout], known["training"])
+        assert "--mxn-kv-cache" not in train  # (a generation flag: not for pretraining)
+
+
+def test_ab_driver_validates_the_prompt_length_sweep(capsys):
+    from megatron_mxn.analysis import ab_compare
+
+    cfg = ["--config", str(CONFIGS[0].parent / "cpu_long.yaml")]
+    assert ab_compare.parse_args(cfg + ["--prompt-lengths", "512,4096"]).prompt_lengths == [
+        512, 4096]
+    for bad, why in (("512,4k", "not a comma-separated list of whole numbers"),
+                     ("0,512", "must be >= 1"), ("4096,512", "distinct lengths in ascending")):
+        with pytest.raises(SystemExit):
+            ab_compare.parse_args(cfg + ["--prompt-lengths", bad])
+        assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ab_compare.parse_args(cfg + ["--prompt-lengths", "512", "--prompt-length", "64"])
+    assert "--prompt-lengths sets the prompts" in capsys.readouterr().err
+    long_cfg = load_config(cfg[1])
+    with pytest.raises(SystemExit, match=r"prompt length\(s\) \[8441\] \+ 8 new tokens exceed "
+                                         r"max-position-embeddings \(8448\)"):
+        ab_compare.check_lengths(long_cfg, cfg[1], [512, 8441], [])
+    # megatron-core's prefill: 3 x [micro-batch, heads / TP, s, s] fp32; the grid's is O(s)
+    assert ab_compare.prefill_score_bytes(long_cfg, "tp", 2, 8192) == 3 * 2 * 2 * 8192**2 * 4
+    assert ab_compare.prefill_score_bytes(long_cfg, "baseline", 2, 8192, 1024) == \
+        3 * 1 * 4 * 1024 * 8192 * 4
+    assert ab_compare.prefill_score_bytes(long_cfg, "grid", 2, 8192) == 0

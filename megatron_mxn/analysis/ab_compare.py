@@ -9,6 +9,12 @@ layout; every layout then loads it. Each layout runs as one `megatron_mxn.infere
 untimed warm-up generation, then `--repeats` timed ones), launched with torchrun on this machine
 or, with `--launcher srun` inside an sbatch allocation, one torchrun per node. The raw JSON of
 every job is kept under `<results-dir>/<run>/`; a failed layout is reported, not lost.
+
+`--prompt-lengths 2048,4096,8192` sweeps the context: every layout runs at each prompt length
+(one job each, the same seeded random prompts for every layout), one table per length, and
+`<run>-context.png` plots median TPOT and the bytes each group sends per layer and decode step
+against the prompt length. A point whose megatron-core prefill would build s x s attention
+scores too large for `--memory-budget-gib` over all ranks is skipped with a message.
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ METRICS = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # (no abbreviations: a pass-through --prompt-length must not be read as --prompt-lengths)
     p.add_argument("--config", action="append", required=True,
                    help="model/run YAML of configs/ (repeat the flag for several models)")
     p.add_argument("--layouts", default="baseline,grid,tp",
@@ -58,14 +65,84 @@ def parse_args(argv=None):
     p.add_argument("--nnodes", type=int, default=None,
                    help="nodes (default: cluster.gpus / cluster.gpus_per_node)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per job")
+    p.add_argument("--prompt-lengths", default=None, type=prompt_lengths,
+                   help="comma-separated prompt lengths (e.g. 2048,4096,8192): run every layout "
+                        "at each (default: the config's inference prompt-length)")
+    p.add_argument("--memory-budget-gib", type=float, default=None,
+                   help="CPU (gloo) configs: skip a layout and prompt length whose megatron-core "
+                        "prefill scores (s x s per head, over the node's ranks) exceed this "
+                        "(default: half the memory available when the job starts)")
     args, generate_extra = p.parse_known_args(argv)
     if args.load and len(args.config) > 1:
         p.error("--load goes with a single --config")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    clash = {"--prompt-length", "--prompts-file"} & {a.split("=")[0] for a in generate_extra}
+    if args.prompt_lengths and clash:
+        p.error(f"--prompt-lengths sets the prompts; drop {sorted(clash)}")
     args.generate_extra = generate_extra  # e.g. --max-new-tokens 8, passed to every layout
     args.layouts = [x for x in args.layouts.split(",") if x]
     return args
+
+
+def prompt_lengths(text: str) -> List[int]:
+    """'2048,4096,8192' -> [2048, 4096, 8192]: positive, distinct, ascending."""
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma-separated list of whole numbers (e.g. 2048,4096,8192)")
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': prompt lengths must be >= 1")
+    if lengths != sorted(set(lengths)):
+        raise argparse.ArgumentTypeError(f"'{text}': give distinct lengths in ascending order")
+    return lengths
+
+
+def prefill_score_bytes(cfg: dict, layout: str, batch: int, length: int,
+                        chunk: Optional[int] = None) -> int:
+    """Estimated peak bytes per rank of a megatron-core (TP x PP) layout's prefill attention:
+    its unfused core holds ~3 [micro-batch, heads / TP, chunk, s] tensors (the scores, their
+    masked/scaled copy, the probabilities). 0 for a grid: its prefill core is O(s)."""
+    model = _keys(cfg.get("model"))
+    flags = _keys(cfg["layouts"][layout])
+    if int(flags.get("mxn-dim-slices") or 1) > 1:
+        return 0
+    tp = int(flags.get("tensor-model-parallel-size") or 1)
+    micro = int((cfg.get("inference") or {}).get("inference-micro-batches") or 0) or int(
+        flags.get("pipeline-model-parallel-size") or 1)
+    elem = 2 if (model.get("fp16") or model.get("bf16")) else 4
+    heads = -(-int(model["num-attention-heads"]) // tp)
+    return 3 * max(batch // micro, 1) * heads * min(chunk or length, length) * length * elem
+
+
+def memory_budget_bytes(gib: Optional[float]) -> Optional[float]:
+    """--memory-budget-gib, or half of MemAvailable (Linux: the other half for the processes
+    themselves and the rest of the machine); None: unknown, no check."""
+    if gib is not None:
+        return gib * 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return 0.5 * kib * 1024
+
+
+def _keys(section: Optional[dict]) -> dict:
+    """A config section with its keys spelled as flags (num_layers -> num-layers)."""
+    return {str(k).replace("_", "-"): v for k, v in (section or {}).items()}
+
+
+def _extra_value(extra: List[str], flag: str) -> Optional[str]:
+    """The value of `flag` among the pass-through generate flags (last one wins)."""
+    value = None
+    for k, a in enumerate(extra):
+        if a == flag and k + 1 < len(extra):
+            value = extra[k + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 class Launcher:
@@ -129,8 +206,10 @@ def _kib(x: float) -> str:
     return format_bytes(x, smallest="KiB")
 
 
-def model_table(model: str, reports: Dict[str, Optional[dict]]) -> List[str]:
-    """Markdown lines for one model: the layouts' metrics, identical tokens, ratios."""
+def model_table(model: str, reports: Dict[str, Optional[dict]],
+                skipped: Optional[Dict[str, str]] = None) -> List[str]:
+    """Markdown lines for one model (and prompt length): the layouts' metrics, identical
+    tokens, ratios; the skipped layouts and why."""
     ok = {name: r for name, r in reports.items() if r is not None}
     hashes = {r["tokens_sha256"] for r in ok.values()}
     lines = [f"### {model}", ""]
@@ -156,12 +235,15 @@ def model_table(model: str, reports: Dict[str, Optional[dict]]) -> List[str]:
                          f"{s['max'] * scale:.1f}]")
         comm = ", ".join(f"{k} {_kib(v)}" for k, v in
                          r["comm_bytes_per_layer_per_decode_step"].items()) or "none"
-        same = "yes" if base_hash is None or r["tokens_sha256"] == base_hash else "NO"
+        same = ("n/a" if base_hash is None
+                else "yes" if r["tokens_sha256"] == base_hash else "NO")
         lines.append(f"| {r['layout']['name']} | " + " | ".join(
             cells + [_kib(r["kv_cache_bytes_per_rank"]), _kib(r["peak_memory_bytes_per_rank"]),
                      comm, same]) + " |")
     lines.append("")
-    lines.append(f"All layouts generated identical tokens: "
+    for name, why in (skipped or {}).items():
+        lines.append(f"Skipped {name}: {why}.")
+    lines.append(f"All layouts {'run ' if skipped else ''}generated identical tokens: "
                  f"{'yes' if len(hashes) == 1 and len(ok) == len(reports) else 'NO'}.")
     for other in ("baseline", "tp"):
         if "grid" in ok and other in ok:
@@ -173,26 +255,28 @@ def model_table(model: str, reports: Dict[str, Optional[dict]]) -> List[str]:
     return lines + [""]
 
 
-def write_csv(path: Path, results: Dict[str, Dict[str, Optional[dict]]]) -> None:
+def write_csv(path: Path, results: Dict[str, Dict[str, Optional[dict]]],
+              skipped: Optional[Dict[str, Dict[str, str]]] = None) -> None:
+    """One row per model, layout and metric (median, min, max over the repeats)."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["model", "layout", "metric", "median", "min", "max", "n"])
+        out.writerow(["model", "layout", "prompt_length", "metric", "median", "min", "max", "n"])
         for model, reports in results.items():
+            for name in (skipped or {}).get(model, {}):
+                out.writerow([model, name, "", "skipped", "", "", "", 0])
             for name, r in reports.items():
                 if r is None:
-                    out.writerow([model, name, "failed", "", "", "", 0])
+                    out.writerow([model, name, "", "failed", "", "", "", 0])
                     continue
+                row = [model, r["layout"]["name"], r["workload"]["prompt_length"]]
                 for key, values in per_repeat_values(r).items():
                     s = spread(values)
-                    out.writerow([model, r["layout"]["name"], key, s["median"], s["min"],
-                                  s["max"], s["n"]])
+                    out.writerow(row + [key, s["median"], s["min"], s["max"], s["n"]])
                 for key in ("kv_cache_bytes_per_rank", "peak_memory_bytes_per_rank"):
-                    out.writerow([model, r["layout"]["name"], key, r[key], r[key], r[key], 1])
+                    out.writerow(row + [key, r[key], r[key], r[key], 1])
                 for group, v in r["comm_bytes_per_layer_per_decode_step"].items():
-                    out.writerow([model, r["layout"]["name"], f"sent_bytes_per_layer_step_{group}",
-                                  v, v, v, 1])
-                out.writerow([model, r["layout"]["name"], "tokens_sha256", r["tokens_sha256"],
-                              "", "", 1])
+                    out.writerow(row + [f"sent_bytes_per_layer_step_{group}", v, v, v, 1])
+                out.writerow(row + ["tokens_sha256", r["tokens_sha256"], "", "", 1])
 
 
 def write_chart(path: Path, results: Dict[str, Dict[str, Optional[dict]]]) -> None:
@@ -203,7 +287,8 @@ def write_chart(path: Path, results: Dict[str, Dict[str, Optional[dict]]]) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    bars = sum(r is not None for reports in results.values() for r in reports.values())
+    fig, axes = plt.subplots(1, 2, figsize=(max(11.0, 0.5 * bars), 4))
     panels = [("output_tokens_per_s", "output tokens/s (higher is better)", 1.0),
               ("tpot_median_s", "TPOT, ms (lower is better)", 1e3)]
     for ax, (key, title, scale) in zip(axes, panels):
@@ -230,6 +315,47 @@ def write_chart(path: Path, results: Dict[str, Dict[str, Optional[dict]]]) -> No
     plt.close(fig)
 
 
+def write_context_chart(path: Path, sweeps: Dict[str, Dict[int, Dict[str, Optional[dict]]]]
+                        ) -> None:
+    """Against the prompt length, one line per layout: median TPOT (left) and the bytes each
+    group sends per layer and decode step (right; solid TP, dashed dim-slice)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tpot, sent) = plt.subplots(1, 2, figsize=(11, 4))
+    for model, by_length in sweeps.items():
+        names = list(dict.fromkeys(n for reports in by_length.values() for n in reports))
+        for k, name in enumerate(names):
+            runs = [(length, reports[name]) for length, reports in by_length.items()
+                    if reports.get(name)]
+            if not runs:
+                continue
+            label = runs[0][1]["layout"]["name"] + (f" ({model})" if len(sweeps) > 1 else "")
+            x = [length for length, _ in runs]
+            tpot.plot(x, [statistics.median(per_repeat_values(r)["tpot_median_s"]) * 1e3
+                          for _, r in runs], "o-", color=f"C{k}", label=label)
+            groups = sorted({g for _, r in runs for g in r["comm_bytes_per_layer_per_decode_step"]})
+            for group in groups:
+                sent.plot(x, [r["comm_bytes_per_layer_per_decode_step"].get(group, 0)
+                              for _, r in runs], "o--" if group == "dim-slice" else "o-",
+                          color=f"C{k}", label=f"{label}: {group}")
+    tpot.set_title("median TPOT, ms (lower is better)")
+    sent.set_title("sent / layer / decode step / rank, bytes")
+    sent.set_yscale("log")
+    lengths = sorted({n for by_length in sweeps.values() for n in by_length})
+    for ax in (tpot, sent):
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def make_checkpoint(cfg_path: str, workdir: Path, launcher: Launcher, timeout: int) -> Path:
     ckpt = workdir / "checkpoint"
     if (ckpt / "latest_checkpointed_iteration.txt").exists():
@@ -242,6 +368,36 @@ def make_checkpoint(cfg_path: str, workdir: Path, launcher: Launcher, timeout: i
     return ckpt
 
 
+def check_lengths(cfg: dict, cfg_path: str, lengths: List[int], extra: List[str]) -> None:
+    """Every prompt length plus the new tokens fits the model's positions (before any job)."""
+    model = _keys(cfg.get("model"))
+    new = int(_extra_value(extra, "--max-new-tokens")
+              or (cfg.get("inference") or {}).get("max-new-tokens") or 16)
+    limit = int(model.get("max-position-embeddings") or model.get("seq-length") or 0)
+    too_long = [n for n in lengths if limit and n + new > limit]
+    if too_long:
+        raise SystemExit(f"{cfg_path}: prompt length(s) {too_long} + {new} new tokens exceed "
+                         f"max-position-embeddings ({limit})")
+
+
+def too_large(cfg: dict, name: str, length: int, args) -> Optional[str]:
+    """Why the layout's prefill at this prompt length would not fit in memory, or None."""
+    batch = int(_extra_value(args.generate_extra, "--batch-size")
+                or (cfg.get("inference") or {}).get("batch-size") or 8)
+    chunk = _extra_value(args.generate_extra, "--prefill-chunk-size")
+    per_rank = prefill_score_bytes(cfg, name, batch, length, int(chunk) if chunk else None)
+    model = _keys(cfg.get("model"))
+    if model.get("distributed-backend") != "gloo":
+        return None  # (GPU ranks: each its own memory, not checked here)
+    ranks = int((cfg.get("cluster") or {}).get("gpus_per_node") or 1)  # (sharing this memory)
+    budget = memory_budget_bytes(args.memory_budget_gib)
+    if budget is None or per_rank * ranks <= budget:
+        return None
+    return (f"megatron-core's prefill builds s x s attention scores: ~{_kib(per_rank)} per rank, "
+            f"{_kib(per_rank * ranks)} over {ranks} ranks > the memory budget {_kib(budget)} "
+            "(--memory-budget-gib); use a shorter prompt or --prefill-chunk-size")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     stems = [Path(c).stem for c in args.config]
@@ -249,12 +405,16 @@ def main(argv=None) -> int:
     out_dir = Path(args.results_dir)
     work = out_dir / run
     results: Dict[str, Dict[str, Optional[dict]]] = {}
+    skipped: Dict[str, Dict[str, str]] = {}
+    sweeps: Dict[str, Dict[int, Dict[str, Optional[dict]]]] = {}
     for cfg_path, model in zip(args.config, stems):
         cfg = load_config(cfg_path)
         missing = [name for name in args.layouts if name not in (cfg.get("layouts") or {})]
         if missing:
             raise SystemExit(f"{cfg_path}: no layout(s) {missing}; it has "
                              f"{sorted(cfg.get('layouts') or {})}")
+        if args.prompt_lengths:
+            check_lengths(cfg, cfg_path, args.prompt_lengths, args.generate_extra)
         cluster = cfg.get("cluster") or {}
         nproc = args.nproc_per_node or int(cluster.get("gpus_per_node", 1))
         nnodes = args.nnodes or max(1, int(cluster.get("gpus", nproc)) // nproc)
@@ -263,29 +423,46 @@ def main(argv=None) -> int:
         model_dir.mkdir(parents=True, exist_ok=True)
         ckpt = Path(args.load) if args.load else make_checkpoint(cfg_path, model_dir, launcher,
                                                                  args.timeout)
-        results[model] = {}
-        for name in args.layouts:
-            report_path = model_dir / f"{name}.json"
-            report_path.unlink(missing_ok=True)
-            cmd = launcher.command(["-m", "megatron_mxn.inference.generate", "--config", cfg_path,
-                                    "--layout", name, "--load", str(ckpt),
-                                    "--repeats", str(args.repeats),
-                                    "--output-json", str(report_path), *args.generate_extra])
-            ok = run_job(cmd, model_dir / f"{name}.log", f"{model} / {name}", args.timeout)
-            results[model][name] = (json.loads(report_path.read_text())
-                                    if ok and report_path.exists() else None)
+        for length in args.prompt_lengths or [None]:
+            key = model if length is None else f"{model}, prompt {length}"
+            tag = "" if length is None else f"-p{length}"
+            results[key], skipped[key] = {}, {}
+            if length is not None:
+                sweeps.setdefault(model, {})[length] = results[key]
+            for name in args.layouts:
+                why = too_large(cfg, name, length, args) if length else None
+                if why:
+                    print(f"[ab] SKIPPED {key} / {name}: {why}", flush=True)
+                    skipped[key][name] = why
+                    continue
+                report_path = model_dir / f"{name}{tag}.json"
+                report_path.unlink(missing_ok=True)
+                prompt = [] if length is None else ["--prompt-length", str(length)]
+                cmd = launcher.command(["-m", "megatron_mxn.inference.generate", "--config",
+                                        cfg_path, "--layout", name, "--load", str(ckpt),
+                                        "--repeats", str(args.repeats), *prompt,
+                                        "--output-json", str(report_path), *args.generate_extra])
+                ok = run_job(cmd, model_dir / f"{name}{tag}.log", f"{key} / {name}",
+                             args.timeout)
+                results[key][name] = (json.loads(report_path.read_text())
+                                      if ok and report_path.exists() else None)
+    sweep = ("" if not args.prompt_lengths
+             else " --prompt-lengths " + ",".join(map(str, args.prompt_lengths)))
     lines = [f"# A/B {run}", "", f"`python scripts/ab_compare.py "
              + " ".join(f"--config {c}" for c in args.config)
-             + f" --layouts {','.join(args.layouts)} --repeats {args.repeats}"
+             + f" --layouts {','.join(args.layouts)} --repeats {args.repeats}{sweep}"
              + "".join(f" {a}" for a in args.generate_extra) + "`", ""]
-    for model, reports in results.items():
-        lines += model_table(model, reports)
+    for key, reports in results.items():
+        lines += model_table(key, reports, skipped[key])
     (out_dir / f"{run}.md").write_text("\n".join(lines))
-    write_csv(out_dir / f"{run}.csv", results)
+    write_csv(out_dir / f"{run}.csv", results, skipped)
     write_chart(out_dir / f"{run}.png", results)
+    written = ".md, .csv, .png"
+    if sweeps:
+        write_context_chart(out_dir / f"{run}-context.png", sweeps)
+        written += f" and {run}-context.png"
     print("\n".join(lines), flush=True)
-    print(f"[ab] wrote {out_dir / run}.md, .csv, .png (raw reports and logs in {work})",
-          flush=True)
+    print(f"[ab] wrote {out_dir / run}{written} (raw reports and logs in {work})", flush=True)
     failed = [f"{m}/{n}" for m, rs in results.items() for n, r in rs.items() if r is None]
     differing = [m for m, rs in results.items()
                  if len({r["tokens_sha256"] for r in rs.values() if r}) > 1]

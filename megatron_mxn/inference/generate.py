@@ -51,11 +51,14 @@ _g.add_argument("--prefill-chunk-size", type=int, default=None,
 
 def split_argv(argv: List[str]):
     """(generation options, remaining Megatron argv), after expanding --config/--layout."""
-    from megatron_mxn.megatron_lm.run_configs import expand_config_args, megatron_option_strings
     from megatron_mxn.megatron_lm import add_mxn_args
+    from megatron_mxn.megatron_lm.run_configs import (
+        expand_config_args,
+        generation_option_strings,
+        megatron_option_strings,
+    )
 
-    known = megatron_option_strings(add_mxn_args)
-    known |= {option for action in GENERATE._actions for option in action.option_strings}
+    known = megatron_option_strings(add_mxn_args) | generation_option_strings()
     argv = expand_config_args(argv, known, section="inference")
     return GENERATE.parse_known_args(argv)
 

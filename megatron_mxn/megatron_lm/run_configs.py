@@ -3,7 +3,8 @@
 A config has sections. `model` holds the Megatron flags of the model (`num-layers: 4`,
 `fp16: true`), `training` those of a pretraining run, `inference` those of a generation run
 (megatron_mxn.inference.generate's flags); `layouts` maps a layout name to its flags
-(`grid: {mxn-head-groups: 4, mxn-dim-slices: 4}`); `cluster` describes the machines (used by
+(`grid: {mxn-head-groups: 4, mxn-dim-slices: 4}`; a layout may also hold generation flags such
+as `mxn-kv-cache: positions`, which only generation gets); `cluster` describes the machines (used by
 the planner and the SLURM launchers); `notes` is free text. `--config FILE [--layout NAME]` on
 a command line is replaced by the flags of `model`, the entry point's own section and the
 layout, placed first so that explicit flags win.
@@ -64,7 +65,12 @@ def config_flags(cfg: dict, layout: Optional[str], path: str = "config",
         raise MxnConfigError(f"{path}: no layout '{layout}' (layouts: {sorted(layouts)})")
     parts = [(section, cfg.get(section) or {}) for section in sections]
     if layout is not None:
-        parts.append((f"layouts.{layout}", layouts[layout] or {}))
+        mapping = layouts[layout] or {}
+        if "inference" not in sections:  # (its generation flags are not for pretraining)
+            generation = generation_option_strings()
+            mapping = {k: v for k, v in mapping.items()
+                       if "--" + str(k).replace("_", "-") not in generation}
+        parts.append((f"layouts.{layout}", mapping))
     argv: List[str] = []
     for where, mapping in parts:
         flags = flags_of(mapping)
@@ -72,6 +78,13 @@ def config_flags(cfg: dict, layout: Optional[str], path: str = "config",
             check_keys(mapping, known, f"{path} ({where})")
         argv += flags
     return argv
+
+
+def generation_option_strings() -> set:
+    """The option strings of megatron_mxn.inference.generate's own (non-Megatron) flags."""
+    from megatron_mxn.inference.generate import GENERATE
+
+    return {option for action in GENERATE._actions for option in action.option_strings}
 
 
 def check_keys(mapping: Dict[str, object], known: Iterable[str], where: str) -> None:
