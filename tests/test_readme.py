@@ -99,3 +99,14 @@ def test_shell_examples_use_known_flags():
                 flag = arg.split("=")[0]
                 assert flag in known[kind], f"{' '.join(argv)}: {flag} is not a {kind} flag"
     assert checked >= 5  # the pretraining, generation and A/B examples were all checked
+
+
+def test_no_merge_conflict_markers_in_tracked_files():
+    """A merge left `<<<<<<<` / `>>>>>>>` blocks in the README once; never again."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    marked = [f for f in files if Path(REPO, f).suffix in (".py", ".md", ".yaml", ".sh", ".txt")
+              and re.search(r"^(<{7}|>{7}) ", Path(REPO, f).read_text(errors="replace"), re.M)]
+    assert marked == []
