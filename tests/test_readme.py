@@ -61,7 +61,8 @@ def _known_flags():
             "generate": generate, "ab_compare": ab | generate}
 
 
-SCRIPTS = {"scripts/pretrain_gpt_mxn.py": "pretrain_gpt", "megatron_mxn.megatron_lm.pretrain_gpt":
+SCRIPTS = {"scripts/pretrain_gpt_mxn.py": "pretrain_gpt",
+           "scripts/pretrain_hybrid_mxn.py": "pretrain_gpt", "megatron_mxn.megatron_lm.pretrain_gpt":
            "pretrain_gpt", "scripts/generate_mxn.py": "generate",
            "megatron_mxn.inference.generate": "generate", "scripts/ab_compare.py": "ab_compare"}
 

@@ -92,6 +92,30 @@ def check_request(gen, args) -> None:
         raise MxnConfigError("--load CHECKPOINT is required: generation compares layouts on "
                              "the same weights")
     check_checkpoint_args(args)
+    if args.hybrid_layer_pattern is not None:  # Mamba layers on CPU are refused here
+        from megatron_mxn.attention.hybrid_spec import check_hybrid_pattern
+
+        check_hybrid_pattern(args.hybrid_layer_pattern)
+
+
+def model_builder(args):
+    """(model config, builder) for the checkpoint's model: megatron's HybridModel when
+    `--hybrid-layer-pattern` is given (Megatron's own test, is_hybrid_model), else GPTModel;
+    both with the grid."""
+    from megatron.training.utils import is_hybrid_model
+
+    if is_hybrid_model(args):
+        from megatron_mxn.megatron_lm.hybrid_config import (
+            MxnHybridModelBuilder,
+            mxn_hybrid_config_from_args,
+        )
+
+        return mxn_hybrid_config_from_args(args), MxnHybridModelBuilder
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    from megatron_mxn.megatron_lm.model_config import mxn_gpt_config_from_args
+
+    return mxn_gpt_config_from_args(args), GPTModelBuilder
 
 
 def read_prompts(gen, args, tokenizer_fn):
@@ -164,7 +188,6 @@ def run(gen, args, cpu: bool):
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.initialize import initialize_megatron
     from megatron.core.utils import unwrap_model
-    from megatron.training.models.gpt import GPTModelBuilder
 
     from megatron_mxn.analysis.accounting import (
         CommCounter,
@@ -174,20 +197,17 @@ def run(gen, args, cpu: bool):
         sent_bytes_by_group,
     )
     from megatron_mxn.inference.generation import generate, peak_memory_bytes, summarize
-    from megatron_mxn.megatron_lm.model_config import (
-        initialize_grid_after_megatron,
-        mxn_gpt_config_from_args,
-    )
+    from megatron_mxn.megatron_lm.model_config import initialize_grid_after_megatron
     from megatron_mxn.grid.groups import mxn_parallel_is_initialized
 
     initialize_megatron(allow_no_cuda=cpu)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    model_cfg = mxn_gpt_config_from_args(args)
+    model_cfg, builder = model_builder(args)
     if not mxn_parallel_is_initialized():  # (the grid's layer spec would do it for m > 1)
         initialize_grid_after_megatron(args.mxn_head_groups, args.mxn_dim_slices,
                                        announce=args.mxn_dim_slices > 1)
-    chunks = GPTModelBuilder(model_cfg).build_distributed_models(pg_collection=pgs,
-                                                                 wrap_with_ddp=False)
+    chunks = builder(model_cfg).build_distributed_models(pg_collection=pgs,
+                                                         wrap_with_ddp=False)
     load_checkpoint(chunks, None, None)
     model = chunks[0].eval()
 

@@ -123,6 +123,13 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 
 
 def main():
+    run(mxn_gpt_config_from_args)
+
+
+def run(model_config_from_args):
+    """Megatron's pretrain() on the model `model_config_from_args(args)` describes (a
+    ModelConfig whose builder makes this rank's model), with the grid flags, the run configs and
+    the checkpoint checks; shared by the GPT and the hybrid entry points."""
     import sys
 
     from megatron_mxn.megatron_lm.run_configs import expand_config_args, megatron_option_strings
@@ -133,7 +140,7 @@ def main():
     args = parse_and_validate_args(extra_args_provider=add_mxn_args,
                                    args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     check_checkpoint_args(args)  # before any collective: shape and attention model
-    model_cfg = mxn_gpt_config_from_args(args)
+    model_cfg = model_config_from_args(args)  # before any collective too: it may refuse
     # Megatron's pretrain() leaves its process groups alive; they go before Python exits.
     with clean_shutdown():
         pretrain(pretrain_cfg_container_from_args(args, model_cfg),

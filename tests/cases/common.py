@@ -56,6 +56,7 @@ class ModelSpec:
     recompute: Optional[str] = None  # None | full | selective (core attention)
     experts: int = 0  # > 0: every layer's MLP is megatron-core's MoE layer (top-2 routing)
     seq: int = SEQ  # tokens per sequence (at most SEQ, the model's positions)
+    hybrid: Optional[str] = None  # a layer pattern ("*-*-"): megatron-core's HybridModel
 
 
 def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = False,
@@ -71,7 +72,7 @@ def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = Fa
                      moe_ffn_hidden_size=2 * spec.hidden, moe_token_dispatcher_type="allgather",
                      add_bias_linear=False)  # Mixtral-like; megatron has MoE bias only at ETP=1
     return MxnTransformerConfig(
-        num_layers=spec.num_layers, hidden_size=spec.hidden, ffn_hidden_size=4 * spec.hidden,
+        num_layers=len(spec.hybrid) if spec.hybrid else spec.num_layers, hidden_size=spec.hidden, ffn_hidden_size=4 * spec.hidden,
         num_attention_heads=spec.heads, num_query_groups=spec.kv_heads,
         kv_channels=spec.head_dim, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp, mxn_dim_slices=m, sequence_parallel=sp,
@@ -84,7 +85,10 @@ def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = Fa
 
 def build_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool,
                 max_seq: int = SEQ):
-    """GPTModel for this rank's pipeline stage, with the grid spec or megatron's stock one."""
+    """GPTModel (HybridModel when spec.hybrid) for this rank's pipeline stage, with the grid
+    spec or megatron's stock one."""
+    if spec.hybrid:
+        return build_hybrid_model(spec, config, pgs, grid, max_seq)
     layer = get_gpt_layer_local_spec(num_experts=spec.experts or None,
                                      qk_layernorm=spec.qk_norm is not None,
                                      normalization=spec.qk_norm)
@@ -93,6 +97,26 @@ def build_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool
         layer = megatron_mxn.get_mxn_layer_spec(layer, rotary_percent=rotary)
     model = GPTModel(
         config, layer, VOCAB, max_seq,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        position_embedding_type=spec.position, rotary_percent=spec.rotary_percent,
+        pg_collection=pgs)
+    return model.to(DTYPES[spec.dtype])
+
+
+def build_hybrid_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool,
+                       max_seq: int = SEQ):
+    """megatron-core's HybridModel on the grid's hybrid stack spec; without the grid (m = 1)
+    that spec is megatron-core's local modules with megatron-core's own attention."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    rotary = spec.rotary_percent if spec.position == "rope" else 0.0
+    stack = megatron_mxn.get_mxn_hybrid_stack_spec(
+        dim_slices=None if grid else 1, rotary_percent=rotary,
+        qk_layernorm=spec.qk_norm is not None, normalization=spec.qk_norm,
+        hybrid_layer_pattern=spec.hybrid)
+    model = HybridModel(
+        config, stack, VOCAB, max_seq, hybrid_layer_pattern=spec.hybrid,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         position_embedding_type=spec.position, rotary_percent=spec.rotary_percent,

@@ -1,0 +1,67 @@
+"""megatron's HybridModel (`--hybrid-layer-pattern`) from Megatron's args, with the grid: the
+model config and a builder that puts the grid's hybrid stack spec in.
+
+Imports megatron.training at the top: import it only for hybrid models."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from megatron.training.argument_utils import hybrid_config_from_args
+from megatron.training.models.hybrid import HybridModelBuilder, HybridModelConfig
+
+from megatron_mxn.attention.hybrid_spec import check_hybrid_pattern, get_mxn_hybrid_stack_spec
+from megatron_mxn.grid.groups import mxn_parallel_is_initialized
+from megatron_mxn.grid.layout import MxnConfigError
+from megatron_mxn.megatron_lm.model_config import (
+    initialize_grid_after_megatron,
+    mxn_transformer_config_from_args,
+)
+
+
+def mxn_hybrid_config_from_args(args) -> "MxnHybridModelConfig":
+    """Megatron's HybridModelConfig from args, with MxnTransformerConfig and the grid's builder.
+    Refuses, before any collective, what the grid or this machine cannot run (no pattern; Mamba
+    layers without CUDA)."""
+    if not getattr(args, "hybrid_layer_pattern", None):
+        raise MxnConfigError("a hybrid model needs --hybrid-layer-pattern (e.g. '*-*-': "
+                             "attention '*', MLP '-', MoE 'E', Mamba 'M')")
+    check_hybrid_pattern(args.hybrid_layer_pattern)
+    return hybrid_config_from_args(args, config=mxn_transformer_config_from_args(args),
+                                   model_config_cls=MxnHybridModelConfig)
+
+
+def hybrid_stack_spec_for(model_config: HybridModelConfig):
+    """The grid's hybrid stack spec for a HybridModelConfig (m from its MxnTransformerConfig;
+    Transformer Engine modules when the config asks for them). With m > 1 it first adds the
+    grid's sub-groups to Megatron's parallel_state, as GridLayerSpec does for GPT."""
+    t = model_config.transformer
+    m = getattr(t, "mxn_dim_slices", 1)
+    if m > 1 and not mxn_parallel_is_initialized():
+        initialize_grid_after_megatron(t.tensor_model_parallel_size // m, m)
+    rotary = model_config.rotary_percent if model_config.position_embedding_type in (
+        "rope", "yarn") else 0.0
+    return get_mxn_hybrid_stack_spec(
+        dim_slices=m, rotary_percent=rotary, qk_layernorm=t.qk_layernorm,
+        normalization=t.normalization, moe_grouped_gemm=t.moe_grouped_gemm,
+        use_te=t.transformer_impl == "transformer_engine",
+        hybrid_layer_pattern=model_config.hybrid_layer_pattern)
+
+
+class MxnHybridModelBuilder(HybridModelBuilder):
+    """megatron's HybridModelBuilder on the grid's hybrid stack spec when the config names none
+    (megatron's default, the stock spec, needs Transformer Engine and has no grid)."""
+
+    def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
+        if self._model_config.hybrid_stack_spec is None:
+            self._model_config.hybrid_stack_spec = hybrid_stack_spec_for(self._model_config)
+        return super().build_model(pg_collection, pre_process, post_process, vp_stage)
+
+
+@dataclasses.dataclass(kw_only=True)
+class MxnHybridModelConfig(HybridModelConfig):
+    """HybridModelConfig built by MxnHybridModelBuilder (Megatron's loop builds the model through
+    the config's `builder` path)."""
+
+    builder: ClassVar[str] = "megatron_mxn.megatron_lm.hybrid_config.MxnHybridModelBuilder"
