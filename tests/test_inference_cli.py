@@ -107,7 +107,6 @@ def test_generate_samples_the_same_tokens_under_tp4_and_the_grid(cpu_dense_check
 
 
 @pytest.mark.parametrize("flags,rule", [
-    (["--top_p", "0.9"], "--top_k (1) and --top_p (0.9) cannot both be set (Megatron's rule)"),
     (["--num-attention-heads", "4", "--kv-channels", "32"],
      "was saved with num_attention_heads=8, this run asks for num_attention_heads=4"),
     (["--inference-max-requests", "4", "--batch-size", "8"],

@@ -2,9 +2,12 @@
 top-k and top-p semantics through megatron-core's own sampling function; seeds reproduce and
 do not depend on how the batch is split into micro-batches; end-of-document lengths."""
 
+import pytest
 import torch
 from megatron.core.inference.sampling_params import SamplingParams
 
+from megatron_mxn.grid.layout import MxnConfigError
+from megatron_mxn.inference.generate import GENERATE, check_sampling
 from megatron_mxn.inference.generation import Sampler, eod_lengths
 
 ROWS = 400
@@ -55,3 +58,16 @@ def test_end_of_document_lengths():
     tokens = torch.tensor([[5, 9, 2, 9], [1, 2, 3, 4], [9, 9, 9, 9]])
     assert eod_lengths(tokens, 9) == [1, 4, 0]
     assert eod_lengths(tokens, None) == [4, 4, 4]
+
+
+@pytest.mark.parametrize("flags,rule", [
+    (["--top_p", "0.9"], "--top_k (1) and --top_p (0.9) cannot both be set (Megatron's rule)"),
+    (["--temperature", "-1"], "sampling needs --temperature >= 0"),
+    (["--top_k", "0", "--top_p", "1.5"], "--top_p in [0, 1]"),
+])
+def test_entry_point_refuses_bad_sampling_flags(flags, rule):
+    """(check_request runs it on every rank before any collective)"""
+    with pytest.raises(MxnConfigError) as err:
+        check_sampling(GENERATE.parse_args(flags))
+    assert rule in str(err.value)
+    check_sampling(GENERATE.parse_args(["--top_k", "0", "--top_p", "0.9"]))  # fine

@@ -99,13 +99,20 @@ def check_request(gen, args) -> None:
     if args.load is None:
         raise MxnConfigError("--load CHECKPOINT is required: generation compares layouts on "
                              "the same weights")
+    check_sampling(gen)
+    check_checkpoint_args(args)
+
+
+def check_sampling(gen) -> None:
+    """The sampling flags, with Megatron's rule that top-k and top-p exclude each other."""
+    from megatron_mxn.grid.layout import MxnConfigError
+
     if gen.temperature < 0 or gen.top_k < 0 or not 0.0 <= gen.top_p <= 1.0:
         raise MxnConfigError("sampling needs --temperature >= 0, --top_k >= 0 and --top_p in "
                              "[0, 1]")
     if gen.top_k > 0 and gen.top_p > 0.0:
         raise MxnConfigError(f"--top_k ({gen.top_k}) and --top_p ({gen.top_p}) cannot both be "
                              "set (Megatron's rule): pass --top_k 0 with --top_p")
-    check_checkpoint_args(args)
 
 
 def read_prompts(gen, args, tokenizer_fn):
