@@ -74,6 +74,38 @@ def test_generation_reports_the_collectives_the_cost_model_predicts(cpu_dense_ab
             in log
 
 
+SAMPLING_FLAGS = ["--temperature", "0.9", "--top_k", "0", "--top_p", "0.95", "--seed", "77",
+                  "--return-log-probs"]
+
+
+def test_generate_samples_the_same_tokens_under_tp4_and_the_grid(cpu_dense_checkpoint, tmp_path):
+    """Megatron's sampling flags: the same seed gives the same sampled tokens, texts and
+    log-probs under TP=4 and grid 2x2 (prompts of mixed lengths, text out)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("5 17 260 9 33 1000 4\n871 2 64\n")
+    reports = {}
+    for layout in ("tp", "grid"):
+        out = tmp_path / f"{layout}.json"
+        run = torchrun("scripts/generate_mxn.py", 4, [
+            "--config", CPU_DENSE, "--layout", layout, "--load", str(cpu_dense_checkpoint),
+            "--prompts-file", str(prompts), "--batch-size", "4", "--max-new-tokens", "6",
+            "--warmup-steps", "0", *SAMPLING_FLAGS, "--output-json", str(out)],
+            tmp_path / layout, timeout=300, metrics=False)
+        assert run.returncode == 0, (run.output[-3000:], "".join(run.rank_logs.values())[-3000:])
+        reports[layout] = json.loads(out.read_text())
+        assert "[generated 1] " in run.rank_logs[0]  # text out, on stdout
+    tp, grid = reports["tp"], reports["grid"]
+    assert grid["sampling"] == "temperature 0.9, top_k 0, top_p 0.95, seed 77"
+    assert grid["tokens_sha256"] == tp["tokens_sha256"]
+    assert grid["texts"] == tp["texts"] and grid["lengths"] == tp["lengths"]
+    err = max(abs(a - b) for g, t in zip(grid["log_probs"], tp["log_probs"])
+              for a, b in zip(g, t))
+    assert err <= 1e-5, err
+    # NullTokenizer text: the token ids up to each sequence's end of document
+    head = grid["tokens_head"][0]
+    assert grid["texts"][0] == " ".join(map(str, head[:grid["lengths"][0]]))
+
+
 @pytest.mark.parametrize("flags,rule", [
     (["--num-attention-heads", "4", "--kv-channels", "32"],
      "was saved with num_attention_heads=8, this run asks for num_attention_heads=4"),

@@ -34,6 +34,7 @@ from megatron_mxn.attention.position_cache import (
 )
 from megatron_mxn.attention.schedules import ScoreShape
 from megatron_mxn.attention.sharding import grid_sharded_factory
+from megatron_mxn.cpu import install_grid_guards
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
 from megatron_mxn.grid.groups import MxnProcessGroupCollection, grid_groups_of
 
@@ -322,6 +323,7 @@ def _check_rotary_of_model(model, name, submodule):
 
 
 torch.nn.modules.module.register_module_module_registration_hook(_check_rotary_of_model)
+install_grid_guards()  # megatron-core's dynamic inference engines refuse grid models
 
 
 def _check_supported(config: TransformerConfig, pg_collection, grid) -> None:

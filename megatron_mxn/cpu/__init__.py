@@ -12,6 +12,7 @@ import torch
 
 from megatron_mxn.cpu import core as _core  # noqa: F401  (registers the patches)
 from megatron_mxn.cpu import training as _training  # noqa: F401
+from megatron_mxn.inference import engine as _engine  # noqa: F401  (the grid's engine guards)
 from megatron_mxn.cpu.registry import PATCHES, Patch
 
 _INSTALLED: set = set()
@@ -40,9 +41,15 @@ def install_wheel_fixes() -> None:
     _install({"wheel"})
 
 
+def install_grid_guards() -> None:
+    """Guards that refuse what a grid model cannot run (megatron-core's dynamic inference
+    engine), on any machine; installed by the grid attention's module (idempotent)."""
+    _install({"grid"})
+
+
 def is_enabled() -> bool:
     """True once `enable()` has run in this process."""
     return any(scope == "core" for _, scope in _INSTALLED)
 
 
-__all__ = ["enable", "install_wheel_fixes", "is_enabled", "PATCHES", "Patch"]
+__all__ = ["enable", "install_grid_guards", "install_wheel_fixes", "is_enabled", "PATCHES", "Patch"]

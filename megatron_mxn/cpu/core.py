@@ -150,10 +150,27 @@ class _NoStream:
         return True
 
 
-@patch("torch.cuda.Stream", TORCH, "stream objects need a device (DDP, param/grad buffers)")
+class _TimingEvent(_NoStream):
+    """Stand-in for torch.cuda.Event: record() notes the wall clock, elapsed_time() is in
+    milliseconds like CUDA's (megatron's static inference engine times each step with it)."""
+
+    def __init__(self, *args, **kwargs):
+        self.time = None
+
+    def record(self, stream=None):
+        import time
+
+        self.time = time.perf_counter()
+
+    def elapsed_time(self, end) -> float:
+        return (end.time - self.time) * 1000.0
+
+
+@patch("torch.cuda.Stream", TORCH, "stream and event objects need a device (DDP, param/grad "
+       "buffers, the MoE dispatcher, the static inference engine's per-step timing events)")
 def _streams():
     _replace("torch.cuda.Stream", lambda orig: _NoStream)
-    _replace("torch.cuda.Event", lambda orig: _NoStream)
+    _replace("torch.cuda.Event", lambda orig: _TimingEvent)
     _replace("torch.cuda.current_stream", lambda orig: lambda device=None: _NoStream())
     _replace("torch.cuda.default_stream", lambda orig: lambda device=None: _NoStream())
     _replace("torch.cuda.stream", lambda orig: lambda stream=None: contextlib.nullcontext())

@@ -24,6 +24,7 @@ class Patch:
     install: Callable[[], None]
     fingerprint: str | None = None  # sha1 of the target's source (megatron targets only)
     scope: str = "core"  # core: CPU mode; training: CPU mode for megatron.training; wheel: always
+    # (install_wheel_fixes); grid: always, with the grid attention (install_grid_guards)
 
 
 PATCHES: List[Patch] = []

@@ -1,4 +1,5 @@
-"""Batched greedy generation from a Megatron checkpoint under a grid x PP or TP x PP layout.
+"""Batched generation (greedy, or sampled with Megatron's --temperature/--top_k/--top_p) from a
+Megatron checkpoint under a grid x PP or TP x PP layout.
 
     torchrun --nproc-per-node 4 -m megatron_mxn.inference.generate --load CKPT [Megatron model flags]
         [--mxn-head-groups N --mxn-dim-slices M | --tensor-model-parallel-size T]
@@ -48,6 +49,16 @@ _g.add_argument("--mxn-kv-cache", choices=("auto", "dims", "positions"), default
                      "decode step sends fewer bytes at the run's mean context length)")
 _g.add_argument("--prefill-chunk-size", type=int, default=None,
                 help="prefill the prompt in chunks of this many tokens (default: at once)")
+# Sampling: the flags of Megatron-LM's inference examples, with their defaults (greedy); the
+# seed is Megatron's --seed, the same on every rank.
+_g.add_argument("--temperature", type=float, default=1.0,
+                help="sampling temperature (0: greedy)")
+_g.add_argument("--top_k", type=int, default=1,
+                help="sample from the k most likely tokens (1, the default: greedy; 0: off)")
+_g.add_argument("--top_p", type=float, default=0.0,
+                help="sample from the most likely tokens holding probability p (needs --top_k 0)")
+_g.add_argument("--return-log-probs", action="store_true",
+                help="report the log-probability of every generated token")
 
 def split_argv(argv: List[str]):
     """(generation options, remaining Megatron argv), after expanding --config/--layout."""
@@ -91,6 +102,7 @@ def check_request(gen, args) -> None:
     if args.load is None:
         raise MxnConfigError("--load CHECKPOINT is required: generation compares layouts on "
                              "the same weights")
+    check_sampling(gen)
     check_checkpoint_args(args)
     if args.hybrid_layer_pattern is not None:  # Mamba layers on CPU are refused here
         from megatron_mxn.attention.hybrid_spec import check_hybrid_pattern
@@ -116,6 +128,18 @@ def model_builder(args):
     from megatron_mxn.megatron_lm.model_config import mxn_gpt_config_from_args
 
     return mxn_gpt_config_from_args(args), GPTModelBuilder
+
+
+def check_sampling(gen) -> None:
+    """The sampling flags, with Megatron's rule that top-k and top-p exclude each other."""
+    from megatron_mxn.grid.layout import MxnConfigError
+
+    if gen.temperature < 0 or gen.top_k < 0 or not 0.0 <= gen.top_p <= 1.0:
+        raise MxnConfigError("sampling needs --temperature >= 0, --top_k >= 0 and --top_p in "
+                             "[0, 1]")
+    if gen.top_k > 0 and gen.top_p > 0.0:
+        raise MxnConfigError(f"--top_k ({gen.top_k}) and --top_p ({gen.top_p}) cannot both be "
+                             "set (Megatron's rule): pass --top_k 0 with --top_p")
 
 
 def read_prompts(gen, args, tokenizer_fn):
@@ -174,6 +198,9 @@ def main(argv=None) -> None:
         report = run(gen, args, cpu)
         if report is not None:
             print(format_report(report), flush=True)
+            if gen.prompts_file:  # text in, text out
+                for k, text in enumerate(report["texts"]):
+                    print(f"[generated {k}] {text}", flush=True)
             if gen.output_json:
                 with open(gen.output_json, "w") as f:
                     json.dump(report, f, indent=1)
@@ -184,6 +211,7 @@ def run(gen, args, cpu: bool):
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
+    from megatron.core.inference.sampling_params import SamplingParams
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.initialize import initialize_megatron
@@ -219,8 +247,11 @@ def run(gen, args, cpu: bool):
     prompt, lengths = read_prompts(gen, args, tokenizer)
     micro = gen.inference_micro_batches or args.pipeline_model_parallel_size
     kv_cache = resolve_kv_cache(gen, args, prompt.shape[1], micro)
+    sampling = SamplingParams(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+                              return_log_probs=gen.return_log_probs)
     options = dict(kv_cache=kv_cache, prompt_lengths=lengths,
-                   prefill_chunk=gen.prefill_chunk_size)
+                   prefill_chunk=gen.prefill_chunk_size, sampling=sampling, seed=args.seed,
+                   eod=tokenizer().eod)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if gen.warmup_steps:
@@ -281,6 +312,7 @@ def run(gen, args, cpu: bool):
         "tokens_sha256": (hashlib.sha256(runs[0].tokens.numpy().tobytes()).hexdigest()
                           if runs[0].tokens.numel() else None),
         "tokens_head": runs[0].tokens[:2].tolist() if runs[0].tokens.numel() else None,
+        **_outputs(runs[0], tokenizer),
     }
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -316,6 +348,10 @@ def run(gen, args, cpu: bool):
             r["comm_per_step_outside_layers"] for r in everyone),
         "tokens_sha256": last["tokens_sha256"],
         "tokens_head": last["tokens_head"],
+        "sampling": describe_sampling(gen, args.seed),
+        "texts": last["texts"],
+        "lengths": last["lengths"],
+        "log_probs": last["log_probs"],
         "repeats": per_repeat,
         "schedule": args.mxn_attention,
         "kv_cache": kv_cache,
@@ -324,6 +360,33 @@ def run(gen, args, cpu: bool):
                                                           "comm_steps")}
                       for r in reversed(everyone)},  # (the stage's first rank wins)
     }
+
+
+def _outputs(run, tokenizer) -> dict:
+    """The last stage's generations: each sequence's text up to its end-of-document token
+    (detokenized by megatron's controller helper), its length, its tokens' log-probs."""
+    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
+        TextGenerationController,
+    )
+
+    if not run.tokens.numel():
+        return {"texts": None, "lengths": None, "log_probs": None}
+    rows = run.tokens.tolist()
+    return {
+        "texts": [TextGenerationController.detokenize(tokenizer(), row[:n])
+                  for row, n in zip(rows, run.lengths)],
+        "lengths": run.lengths,
+        "log_probs": run.log_probs.tolist() if run.log_probs is not None else None,
+    }
+
+
+def describe_sampling(gen, seed: int) -> str:
+    """'greedy', or the sampling flags and seed (Megatron's: top_k 1 or temperature 0 is
+    greedy)."""
+    if gen.top_k == 1 or gen.temperature == 0.0:
+        return "greedy"
+    return (f"temperature {gen.temperature}, top_k {gen.top_k}, top_p {gen.top_p}, "
+            f"seed {seed}")
 
 
 def _print_comm(per_step, decode, layers: int, decode_steps: int, layer_bytes) -> None:
@@ -396,6 +459,7 @@ def format_report(r: dict) -> str:
                      f"tokens, {w['micro_batches']} micro-batch(es), {w['repeats']} timed "
                      f"repeat(s), {w['device']}"),
         ("warm-up (excluded)", w["warmup"]),
+        ("sampling", r["sampling"]),
         ("time to first token", f"{r['ttft_s']['median'] * ms:.1f} ms (median)"),
         ("time per output token", f"mean {r['tpot_s']['mean'] * ms:.2f} ms, median "
                                   f"{r['tpot_s']['median'] * ms:.2f} ms, p90 "

@@ -1,9 +1,10 @@
-"""Batched greedy generation with megatron-core's static KV cache, under any TP/grid x PP layout.
+"""Batched generation with megatron-core's static KV cache, under any TP/grid x PP layout.
 
 The batch is split into micro-batches that flow through the pipeline stages (stage s works on
 micro-batch i while stage s+1 works on micro-batch i-1); the last stage picks each micro-batch's
-next token from the TP-gathered logits and sends it back to the first stage. With PP = 1 and one
-micro-batch this is the plain prefill + decode loop.
+next token from the TP-gathered fp32 logits (greedy, or sampled with megatron's sampling: see
+`Sampler`) and sends it back to the first stage. With PP = 1 and one micro-batch this is the
+plain prefill + decode loop.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.sampling.torch_sampling import TorchSampling
+from megatron.core.inference.sampling_params import SamplingParams
 from megatron.core.utils import get_attr_wrapped_model
 
 
@@ -30,6 +33,9 @@ class Generation:
     kv_cache_bytes: int = 0  # this rank's KV cache, all its layers
     kv_cache: str = "dims"  # the grid's KV cache layout that ran (dims | positions)
     step_end_s: List[float] = field(default_factory=list)  # end of each step since the start
+    # each sequence's tokens before its end-of-document token (new_tokens if none came)
+    lengths: List[int] = field(default_factory=list)
+    log_probs: Optional[torch.Tensor] = None  # [b, new_tokens] of the chosen tokens (fp32)
 
     @property
     def ttft_s(self) -> float:
@@ -49,6 +55,50 @@ def kv_cache_bytes(context: StaticInferenceContext) -> int:
                for kv in context.key_value_memory_dict.values() for t in kv)
 
 
+class Sampler:
+    """The next token of each sequence from the last stage's TP-gathered fp32 logits [mb, V]:
+    argmax (greedy: no params, top_k 1 or temperature 0, as Megatron's flags mean it), else
+    megatron's own TorchSampling.sample_from_logits (temperature, then top-k or top-p). Each
+    sequence draws from its own torch.Generator seeded with seed + its row, identically on
+    every rank: any TP size, grid or micro-batching draws the same tokens from the same
+    logits."""
+
+    def __init__(self, params: Optional[SamplingParams], seed: int, batch: int):
+        self.params = params
+        self.seed = seed
+        self.generators: List[Optional[torch.Generator]] = [None] * batch
+
+    @property
+    def greedy(self) -> bool:
+        p = self.params
+        return p is None or p.top_k == 1 or p.temperature == 0.0
+
+    def __call__(self, logits: torch.Tensor, first_row: int) -> torch.Tensor:
+        """Tokens [mb, 1] for the rows first_row.. of the batch."""
+        if self.greedy:
+            return logits.argmax(-1, keepdim=True)
+        p = self.params
+        tokens = [TorchSampling.sample_from_logits(
+            logits[k:k + 1], float(p.temperature), int(p.top_k), float(p.top_p),
+            generator=self._generator(first_row + k, logits.device))
+            for k in range(logits.size(0))]
+        return torch.cat(tokens)[:, None]
+
+    def _generator(self, row: int, device) -> torch.Generator:
+        if self.generators[row] is None:
+            self.generators[row] = torch.Generator(device=device).manual_seed(self.seed + row)
+        return self.generators[row]
+
+
+def eod_lengths(tokens: torch.Tensor, eod: Optional[int]) -> List[int]:
+    """Each row's tokens before its first `eod` (all of them without one)."""
+    if eod is None:
+        return [tokens.size(1)] * tokens.size(0)
+    hit = tokens == eod
+    first = torch.where(hit.any(1), hit.int().argmax(1), tokens.size(1))
+    return first.tolist()
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -59,11 +109,17 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
              keep_logits: bool = False,
              before_step: Optional[Callable[[int], None]] = None,
              kv_cache: Optional[str] = None, prompt_lengths: Optional[List[int]] = None,
-             prefill_chunk: Optional[int] = None) -> Generation:
-    """Greedy generation of `new_tokens` tokens for each prompt of `prompt` [b, s] (needed on
+             prefill_chunk: Optional[int] = None, sampling: Optional[SamplingParams] = None,
+             seed: int = 1234, eod: Optional[int] = None) -> Generation:
+    """Generation of `new_tokens` tokens for each prompt of `prompt` [b, s] (needed on
     the first stage; other stages only use its shape). Step 0 is the prefill, steps 1.. decode
     one token each. `before_step(step)` runs before each step (progress output, communication
     counting).
+
+    sampling: megatron's SamplingParams (temperature, top_k, top_p, return_log_probs); None:
+    greedy. seed: the sampling seed (the same on every rank). eod: the end-of-document id: a
+    sequence's output ends before it (`lengths`; the batch still runs its steps, as the
+    stages do not know which sequences finished).
 
     kv_cache: the grid's KV cache layout (dims | positions | auto, see attention/schedules.py;
     None: the config's). prompt_lengths: prompts of different lengths, right-padded in
@@ -80,6 +136,8 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
         raise ValueError(f"prompt_lengths must give 1..{s} tokens for each of the {b} prompts")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError("prefill_chunk must be >= 1")
+    sampler = Sampler(sampling, seed, b)
+    return_log_probs = sampling is not None and sampling.return_log_probs
     mb = b // micro_batches
     pp_ranks = dist.get_process_group_ranks(pgs.pp) if pgs.pp is not None else [dist.get_rank()]
     stage, stages = pp_ranks.index(dist.get_rank()), len(pp_ranks)
@@ -93,6 +151,7 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
         context.mxn_kv_cache = kv_cache
     out = Generation(tokens=torch.empty(b, new_tokens if last else 0, dtype=torch.long))
     predicted = torch.empty(b, steps if last else 0, dtype=torch.long)
+    log_probs = torch.empty(b, steps if last and return_log_probs else 0)
     sends = _Sends(micro_batches)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     own_prompt = torch.tensor(lengths)[:, None] > torch.arange(longest + new_tokens)[None]
@@ -143,8 +202,11 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
                 continue
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(
                 output[:, -1].contiguous(), group=pgs.tp).float()
-            token = logits.argmax(-1, keepdim=True)
+            token = sampler(logits, i * mb)
             predicted[rows, step] = token[:, 0].cpu()
+            if return_log_probs:
+                log_probs[rows, step] = torch.log_softmax(logits, -1).gather(
+                    -1, token)[:, 0].cpu()
             if keep_logits:
                 logits_step.append(logits.cpu())
             if stages > 1 and step + 1 < steps:
@@ -158,8 +220,14 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
         out.step_end_s.append(time.perf_counter() - begin)
     sends.wait_all()
     if last:  # each sequence's tokens after its own prompt
+        if return_log_probs:
+            out.log_probs = torch.empty(b, new_tokens)
         for r, length in enumerate(lengths):
-            out.tokens[r] = predicted[r, length - shortest:length - shortest + new_tokens]
+            own = slice(length - shortest, length - shortest + new_tokens)
+            out.tokens[r] = predicted[r, own]
+            if return_log_probs:
+                out.log_probs[r] = log_probs[r, own]
+        out.lengths = eod_lengths(out.tokens, eod)
     out.kv_cache_bytes = kv_cache_bytes(context)
     out.kv_cache = getattr(context, "mxn_kv_cache", None) or "dims"
     return out
@@ -194,7 +262,7 @@ def greedy_generate(model, prompt: torch.Tensor, new_tokens: int, tp_group,
                     before_step: Optional[Callable[[int], None]] = None,
                     **options) -> Generation:
     """generate() for a single pipeline stage (PP = 1), one micro-batch; `options`: kv_cache,
-    prompt_lengths, prefill_chunk."""
+    prompt_lengths, prefill_chunk, sampling, seed, eod."""
 
     class _Groups:
         tp, pp = tp_group, None
