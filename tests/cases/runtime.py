@@ -34,6 +34,9 @@ def _init(n: int, m: int, grid: bool):
 
 
 def _teardown():
+    from megatron.core.inference.utils import InferenceMode
+
+    InferenceMode.unset_active()  # megatron's engine leaves it set: later training would fail
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
 
 
