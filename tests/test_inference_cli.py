@@ -140,7 +140,7 @@ def test_generate_refuses_unknown_config_key(tmp_path):
 def test_generation_job_exits_cleanly_every_time(cpu_dense_checkpoint, tmp_path):
     """Issue 8: a rank that exits with live gloo groups can abort in interpreter shutdown
     after a successful run (one run in a few); every run must exit 0 with its report."""
-    for k in range(5):
+    for k in range(3):
         report = tmp_path / f"grid{k}.json"
         run = torchrun("scripts/generate_mxn.py", 4, [
             "--config", CPU_DENSE, "--layout", "grid", "--load", str(cpu_dense_checkpoint),
