@@ -92,10 +92,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=None, scale=scale)[:2]
         return out.float(), lse
-    k, v = _expand_kv(k, q.shape[1]).float(), _expand_kv(v, q.shape[1]).float()
-    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores.masked_fill(mask, float("-inf"))
+    scores, v = _fp32_scores(q, k, v, scale, mask)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.clamp_min(torch.finfo(lse.dtype).min).unsqueeze(-1))
     return torch.matmul(probs, v), lse
@@ -154,12 +151,18 @@ def _expand_kv(x: Tensor, hq: int) -> Tensor:
     return x[:, :, None].expand(b, hk, hq // hk, s, d).reshape(b, hq, s, d)
 
 
-def _unfused(q, k, v, scale, mask, dropout_p) -> Tensor:
-    """Reference path: fp32 scores, masked softmax, optional dropout; builds sq x sk."""
+def _fp32_scores(q, k, v, scale, mask):
+    """(masked fp32 scores [b, hq, sq, sk], fp32 V expanded to hq heads) of the unfused paths."""
     k, v = _expand_kv(k, q.shape[1]).float(), _expand_kv(v, q.shape[1]).float()
     scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
+    return scores, v
+
+
+def _unfused(q, k, v, scale, mask, dropout_p) -> Tensor:
+    """Reference path: fp32 scores, masked softmax, optional dropout; builds sq x sk."""
+    scores, v = _fp32_scores(q, k, v, scale, mask)
     probs = torch.softmax(scores, dim=-1)
     if mask is not None:
         probs = probs.nan_to_num(0.0)  # fully masked rows give 0, as torch's SDPA

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
 
 from megatron_mxn.attention import kernels
 from megatron_mxn.attention.schedules import choose_kv_cache
@@ -63,14 +64,6 @@ class PositionShardedCache:
         return self.key[:n, batch], self.value[:n, batch]
 
 
-def gather_dims(x: torch.Tensor, group) -> torch.Tensor:
-    """[..., d/m] -> [..., d]: every rank's dims, in rank order (no autograd: inference)."""
-    m = dist.get_world_size(group)
-    out = x.new_empty((m * x.size(0), *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out.view(m, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], m * x.size(-1))
-
-
 @torch.no_grad()
 def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                cache: PositionShardedCache, start: int, batch: slice, group,
@@ -82,7 +75,8 @@ def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: to
     m, j = dist.get_world_size(group), dist.get_rank(group)
     sq, b, hq, dl = query.shape
     hk = key.size(2)
-    qkv = gather_dims(torch.cat([query, key, value], dim=2), group)  # [sq, b, hq+2hk, d]
+    qkv = all_gather_last_dim_from_tensor_parallel_region(  # [sq, b, hq+2hk, d], rank order
+        torch.cat([query, key, value], dim=2), group=group)
     q, k, v = qkv.split([hq, hk, hk], dim=2)
     cache.store(k, v, start, batch)
     end = start + sq
@@ -113,15 +107,15 @@ def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: to
     return out.to(query.dtype).reshape(sq, b, hq * dl)
 
 
-def kv_cache_of(context, config, shape) -> str:
+def kv_cache_of(context, config, decode_shape) -> str:
     """The KV cache layout of a static inference context: its `mxn_kv_cache` (generate() sets
-    it), else the config's (default auto, resolved by schedules.choose_kv_cache for the
-    context's longest sequence `shape.sk` and remembered on the context, so that every layer
-    uses the same)."""
+    it), else the config's (default auto, resolved once by schedules.choose_kv_cache for the
+    decode call `decode_shape()` and remembered on the context, so that every layer uses the
+    same)."""
     chosen = getattr(context, "mxn_kv_cache", None)
     if chosen in (None, "auto"):
         chosen = choose_kv_cache(chosen or getattr(config, "mxn_kv_cache", "auto"),
-                                 getattr(config, "mxn_attention", "auto"), shape)
+                                 getattr(config, "mxn_attention", "auto"), decode_shape())
         context.mxn_kv_cache = chosen
     return chosen
 

@@ -28,7 +28,6 @@ from megatron.core.utils import deprecate_inference_params
 
 from megatron_mxn.attention.position_cache import (
     PositionShardedCache,
-    gather_dims,
     kv_cache_of,
     position_sharded_attention,
 )
@@ -179,7 +178,7 @@ class MxnSelfAttention(SelfAttention):
         if packed_seq_params is not None:
             raise MxnConfigError("the grid attention does not support packed sequences (THD)")
         if inference_context is not None and self.mxn_grid.dim_slices > 1 and \
-                kv_cache_of(inference_context, self.config, self._decode_shape(
+                kv_cache_of(inference_context, self.config, lambda: self._decode_shape(
                     inference_context, hidden_states)) == "positions":
             return self._forward_position_cache(hidden_states, attention_mask,
                                                 inference_context, rotary_pos_emb)
@@ -223,15 +222,20 @@ class MxnSelfAttention(SelfAttention):
         core = self.core_attention
         if start == 0 and sq > 1:  # prefill: the layer's schedule; keep the gathered K/V
             filled = []
-            core.on_gathered_kv = lambda k, v: filled.append(cache.store(k, v, 0, batch))
+
+            def fill(k, v):  # the sequence-split core's all-gathered K/V
+                cache.store(k, v, 0, batch)
+                filled.append(True)
+
+            core.on_gathered_kv = fill
             try:
                 out = apply_module(core)(query, key, value, attention_mask,
                                          attn_mask_type=self.attn_mask_type)
             finally:
                 core.on_gathered_kv = None
-            if not filled:
-                group = self.mxn_grid.dim_slice_group
-                cache.store(gather_dims(key, group), gather_dims(value, group), 0, batch)
+            if not filled:  # a score schedule ran: gather the K/V dims for the cache
+                fill(*(all_gather_last_dim_from_tensor_parallel_region(
+                    t.contiguous(), group=self.mxn_grid.dim_slice_group) for t in (key, value)))
         else:
             out = position_sharded_attention(
                 query, key, value, cache, start, batch, self.mxn_grid.dim_slice_group,

@@ -21,6 +21,8 @@ import sys
 from collections import Counter
 from typing import List
 
+from megatron_mxn.attention.schedules import KV_CACHES
+
 GENERATE = argparse.ArgumentParser(add_help=False)
 _g = GENERATE.add_argument_group("generation (megatron_mxn)")
 _g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
@@ -41,7 +43,7 @@ _g.add_argument("--output-json", default=None, help="write the report here (rank
 _g.add_argument("--progress-interval", type=int, default=32,
                 help="print progress every this many decode steps")
 _g.add_argument("--prompt-seed", type=int, default=1234, help="seed of the random prompts")
-_g.add_argument("--mxn-kv-cache", choices=("auto", "dims", "positions"), default="auto",
+_g.add_argument("--mxn-kv-cache", choices=KV_CACHES, default="auto",
                 help="the grid's KV cache: dims (each rank keeps d/m dims of every position; "
                      "a decode step all-reduces scores over the context), positions (each "
                      "rank keeps all dims of every m-th position; a decode step sends "
