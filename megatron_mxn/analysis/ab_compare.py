@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from megatron_mxn.megatron_lm.run_configs import load_config
+from megatron_mxn.megatron_lm.run_configs import flag_keys, load_config
 from megatron_mxn.cpu.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]  # (megatron_mxn/analysis/ab_compare.py)
@@ -104,8 +104,8 @@ def prefill_score_bytes(cfg: dict, layout: str, batch: int, length: int,
     """Estimated peak bytes per rank of a megatron-core (TP x PP) layout's prefill attention:
     its unfused core holds ~3 [micro-batch, heads / TP, chunk, s] tensors (the scores, their
     masked/scaled copy, the probabilities). 0 for a grid: its prefill core is O(s)."""
-    model = _keys(cfg.get("model"))
-    flags = _keys(cfg["layouts"][layout])
+    model = flag_keys(cfg.get("model"))
+    flags = flag_keys(cfg["layouts"][layout])
     if int(flags.get("mxn-dim-slices") or 1) > 1:
         return 0
     tp = int(flags.get("tensor-model-parallel-size") or 1)
@@ -127,11 +127,6 @@ def memory_budget_bytes(gib: Optional[float]) -> Optional[float]:
     except (OSError, StopIteration):
         return None
     return 0.5 * kib * 1024
-
-
-def _keys(section: Optional[dict]) -> dict:
-    """A config section with its keys spelled as flags (num_layers -> num-layers)."""
-    return {str(k).replace("_", "-"): v for k, v in (section or {}).items()}
 
 
 def _extra_value(extra: List[str], flag: str) -> Optional[str]:
@@ -370,7 +365,7 @@ def make_checkpoint(cfg_path: str, workdir: Path, launcher: Launcher, timeout: i
 
 def check_lengths(cfg: dict, cfg_path: str, lengths: List[int], extra: List[str]) -> None:
     """Every prompt length plus the new tokens fits the model's positions (before any job)."""
-    model = _keys(cfg.get("model"))
+    model = flag_keys(cfg.get("model"))
     new = int(_extra_value(extra, "--max-new-tokens")
               or (cfg.get("inference") or {}).get("max-new-tokens") or 16)
     limit = int(model.get("max-position-embeddings") or model.get("seq-length") or 0)
@@ -386,7 +381,7 @@ def too_large(cfg: dict, name: str, length: int, args) -> Optional[str]:
                 or (cfg.get("inference") or {}).get("batch-size") or 8)
     chunk = _extra_value(args.generate_extra, "--prefill-chunk-size")
     per_rank = prefill_score_bytes(cfg, name, batch, length, int(chunk) if chunk else None)
-    model = _keys(cfg.get("model"))
+    model = flag_keys(cfg.get("model"))
     if model.get("distributed-backend") != "gloo":
         return None  # (GPU ranks: each its own memory, not checked here)
     ranks = int((cfg.get("cluster") or {}).get("gpus_per_node") or 1)  # (sharing this memory)

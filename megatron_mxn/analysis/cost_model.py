@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 from megatron_mxn.analysis.accounting import CommRecord
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
+from megatron_mxn.megatron_lm.run_configs import flag_keys
 from megatron_mxn.attention.schedules import (
     KV_CACHES,
     ScoreShape,
@@ -50,7 +51,7 @@ class ModelShape:
     @classmethod
     def from_flags(cls, flags: Dict[str, object]) -> "ModelShape":
         """From a config's `model` section (Megatron flag names, as in configs/*.yaml)."""
-        f = {str(k).replace("_", "-"): v for k, v in flags.items()}
+        f = flag_keys(flags)
         heads, hidden = int(f["num-attention-heads"]), int(f["hidden-size"])
         vocab = int(f.get("vocab-size") or 0)
         if f.get("tokenizer-type", "NullTokenizer") == "NullTokenizer":

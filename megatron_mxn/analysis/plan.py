@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import yaml
 
 from megatron_mxn.analysis.accounting import CommRecord, format_bytes
-from megatron_mxn.megatron_lm.run_configs import load_config
+from megatron_mxn.megatron_lm.run_configs import flag_keys, load_config
 from megatron_mxn.analysis.cost_model import (
     Layout,
     ModelShape,
@@ -311,7 +311,7 @@ def config_layouts(cfg: dict, gpus: int) -> Dict[str, List[Layout]]:
     --mxn-kv-cache (default auto, as megatron_mxn.inference.generate's)."""
     out = {}
     for name, flags in (cfg.get("layouts") or {}).items():
-        f = {str(k).replace("_", "-"): v for k, v in (flags or {}).items()}
+        f = flag_keys(flags)
         m = int(f.get("mxn-dim-slices") or 1)
         tp = int(f.get("tensor-model-parallel-size") or 0) or int(
             f.get("mxn-head-groups") or 1) * m

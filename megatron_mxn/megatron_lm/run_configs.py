@@ -39,6 +39,11 @@ def load_config(path: str) -> dict:
     return cfg
 
 
+def flag_keys(section: Optional[Dict[str, object]]) -> Dict[str, object]:
+    """A config section with its keys spelled as Megatron flags (num_layers -> num-layers)."""
+    return {str(k).replace("_", "-"): v for k, v in (section or {}).items()}
+
+
 def flags_of(mapping: Dict[str, object]) -> List[str]:
     """{'num-layers': 4, 'fp16': True, 'bf16': False} -> ['--num-layers', '4', '--fp16']."""
     argv: List[str] = []
