@@ -10,6 +10,7 @@ import torch
 
 from megatron_mxn.attention import kernels as ak
 from megatron_mxn.attention.kernels import attention
+from megatron_mxn.attention.mask import MaskSpec
 
 B, D = 2, 16
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -24,9 +25,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def reference(q, k, v, scale, causal, q_offset, padding_mask=None):
+def reference(q, k, v, scale, causal, q_offset, padding_mask=None, window=None, sink=None):
     """Row r of query head t: softmax over keys j of scale * q[t, r] . k[t // (hq/hk), j], key j
-    hidden when j > q_offset + r (causal) or padding_mask says so; an all-hidden row gives 0."""
+    hidden when j > q_offset + r (causal), outside the window (left, right) around q_offset + r
+    (-1: unbounded side) or where padding_mask says so; sink: one more logit per head in the
+    denominator. An all-hidden row gives 0."""
     hq, sq, hk, sk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     kv_head = torch.tensor([t // (hq // hk) for t in range(hq)])
     kh, vh = k.double()[:, kv_head], v.double()[:, kv_head]
@@ -36,7 +39,17 @@ def reference(q, k, v, scale, causal, q_offset, padding_mask=None):
         hidden |= torch.arange(sk)[None, :] > (q_offset + torch.arange(sq))[:, None]
     if padding_mask is not None:
         hidden |= padding_mask
+    if window is not None:
+        pos, key = (q_offset + torch.arange(sq))[:, None], torch.arange(sk)[None, :]
+        if window[0] >= 0:
+            hidden |= key < pos - window[0]
+        if window[1] >= 0:
+            hidden |= key > pos + window[1]
     scores = scores.masked_fill(hidden, float("-inf"))
+    if sink is not None:  # the sink column joins the softmax and leaves before P V
+        column = sink.double().view(1, hq, 1, 1).expand(q.shape[0], hq, sq, 1)
+        probs = torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1]
+        return torch.einsum("bhqk,bhkd->bhqd", probs, vh)
     probs = torch.where(hidden.all(-1, keepdim=True), 0.0, torch.softmax(scores, -1))
     return torch.einsum("bhqk,bhkd->bhqd", probs, vh)
 
@@ -47,19 +60,26 @@ def make(hq, hk, sq, sk, dtype=torch.float32, seed=0):
             for h, s in ((hq, sq), (hk, sk), (hk, sk))]
 
 
-def check(q, k, v, *, causal, q_offset=0, padding_mask=None, backend):
-    """Output and dq, dk, dv agree with the reference, relative to the reference's largest entry."""
+def check(q, k, v, *, causal, q_offset=0, padding_mask=None, backend, window=None, sink=None):
+    """Output and dq, dk, dv (and d sink) agree with the reference, relative to the reference's
+    largest entry. window: megatron's (left, right), which replaces causal and padding."""
     scale = D ** -0.5
-    out = attention(q, k, v, scale=scale, causal=causal, q_offset=q_offset,
-                    padding_mask=padding_mask, backend=backend)
+    mask = MaskSpec.of(causal, q_offset, window, padding_mask)
+    inputs = (q, k, v) if sink is None else (q, k, v, sink)
+    out = attention(q, k, v, scale=scale, mask=mask, sink=sink, backend=backend)
     assert out.dtype == q.dtype and out.shape == q.shape
-    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref = reference(*leaves, scale, causal, q_offset, padding_mask)
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    if window is None:
+        ref = reference(*leaves[:3], scale, causal, q_offset, padding_mask,
+                        sink=None if sink is None else leaves[3])
+    else:
+        ref = reference(*leaves[:3], scale, False, q_offset, None, window,
+                        None if sink is None else leaves[3])
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+    got = torch.autograd.grad(out, inputs, grad.to(out.dtype))
     want = torch.autograd.grad(ref, leaves, grad)
     tol = TOL[q.dtype]
-    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *got), (ref, *want)):
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dsink"), (out, *got), (ref, *want)):
         err = (a.double() - b).abs().max().item()
         assert err <= tol * max(b.abs().max().item(), 1e-6), f"{name}: max error {err:.3g}"
 
@@ -112,8 +132,7 @@ def test_fully_masked_row_gives_zero(backend):
     mask = torch.zeros(B, 1, 8, 32, dtype=torch.bool)
     mask[:, :, 3] = True
     check(q, k, v, causal=True, q_offset=20, padding_mask=mask, backend=backend)
-    out = attention(q, k, v, scale=0.25, causal=True, q_offset=20, padding_mask=mask,
-                    backend=backend)
+    out = attention(q, k, v, scale=0.25, mask=MaskSpec(True, 20, padding=mask), backend=backend)
     assert torch.all(out[:, :, 3] == 0)
 
 
@@ -145,8 +164,8 @@ def test_dropout_keeps_causality(backend):
     """Dropout changes the output but never lets a row see keys past its position."""
     q, k, v = make(4, 2, 16, 64)
     torch.manual_seed(0)
-    out = attention(q, k, v, scale=0.25, causal=True, q_offset=24, dropout_p=0.5, backend=backend)
-    clean = attention(q, k, v, scale=0.25, causal=True, q_offset=24, backend=backend)
+    out = attention(q, k, v, scale=0.25, mask=MaskSpec(True, 24), dropout_p=0.5, backend=backend)
+    clean = attention(q, k, v, scale=0.25, mask=MaskSpec(True, 24), backend=backend)
     assert out.shape == q.shape and torch.isfinite(out).all() and not torch.allclose(out, clean)
     dq, dk, dv = torch.autograd.grad(out[:, :, :5].sum(), (q, k, v))  # rows 0..4: keys 0..28
     assert torch.all(dk[:, :, 29:] == 0) and torch.all(dv[:, :, 29:] == 0)
@@ -168,9 +187,9 @@ def test_impossible_requests_raise(bad, match):
     k = torch.randn(B, *bad.get("k", (2, 64)), D)
     v = k.to(bad.get("dtype", torch.float32))
     with pytest.raises(ValueError, match=match):
-        attention(q, k, v, scale=0.25, causal=True, q_offset=bad.get("q_offset", 0),
-                  padding_mask=bad.get("mask"), dropout_p=bad.get("dropout_p", 0.0),
-                  backend=bad.get("backend", "auto"))
+        attention(q, k, v, scale=0.25,
+                  mask=MaskSpec(True, bad.get("q_offset", 0), padding=bad.get("mask")),
+                  dropout_p=bad.get("dropout_p", 0.0), backend=bad.get("backend", "auto"))
 
 
 def _peak_rss_mib(reset: bool = False) -> float:
@@ -200,8 +219,8 @@ def test_offset_causal_chunk_memory_is_linear(monkeypatch):
     matrix_mib = sq * (q_offset + sq) * 4 / 2 ** 20
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 1, s, d, generator=g).requires_grad_() for s in (sq, sk, sk))
-    chunk = lambda: attention(q, k, v, scale=d ** -0.5, causal=True, q_offset=q_offset)
-    attention(q[:, :, :16], k[:, :, :64], v[:, :, :64], scale=0.25, causal=True, q_offset=32)
+    chunk = lambda: attention(q, k, v, scale=d ** -0.5, mask=MaskSpec(True, q_offset))
+    attention(q[:, :, :16], k[:, :, :64], v[:, :, :64], scale=0.25, mask=MaskSpec(True, 32))
     grown = _peak_growth_mib(lambda: chunk().sum().backward())
     monkeypatch.setattr(ak, "_HAS_CPU_FLASH", False)
     monkeypatch.setattr(ak, "_warned_materialise", True)
@@ -247,3 +266,85 @@ def test_attention_with_lse_is_a_mergeable_share(backend, hq, hk, sq, sk, masked
         return
     err = ((merged.double() - want).abs().max() / want.abs().max()).item()
     assert err < TOL[dtype], err
+
+
+# Sliding windows, megatron's (left, right): (sq, sk, q_offset, window). Shorter than, equal to
+# and longer than the sequence; a decode row; a chunk at an offset whose band starts inside it;
+# right > 0 (not causal); -1 (unbounded left: plain causal); many rows (query tiles of 128).
+WINDOWS = {
+    "short": (16, 16, 0, (3, 0)),
+    "equal": (16, 16, 0, (16, 0)),
+    "longer": (16, 16, 0, (40, 0)),
+    "chunk_at_offset": (12, 64, 24, (5, 0)),
+    "decode": (1, 37, 36, (8, 0)),
+    "two_sided": (16, 16, 0, (4, 2)),
+    "unbounded_left": (16, 64, 48, (-1, 0)),
+    "tiled": (300, 300, 0, (7, 0)),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "unfused"])
+@pytest.mark.parametrize("case", list(WINDOWS))
+def test_sliding_window(case, backend):
+    sq, sk, q_offset, window = WINDOWS[case]
+    check(*make(4, 2, sq, sk), causal=True, q_offset=q_offset, window=window, backend=backend)
+
+
+def test_window_cuts_keys_and_tiles_rows():
+    """A binding window never hands the kernel a key outside the rows' band: gradients of keys
+    no row sees are exactly zero, and 300 rows run in tiles (one SDPA call each)."""
+    q, k, v = make(4, 2, 300, 300)
+    with mock.patch.object(ak, "_sdpa", wraps=ak._sdpa) as spy:
+        out = attention(q, k, v, scale=0.25, mask=MaskSpec.of(True, 0, (7, 0)))
+    assert spy.call_count == 3  # rows 0-127, 128-255, 256-299
+    assert all(call.args[1].shape[2] <= 128 + 7 for call in spy.call_args_list)
+    dk = torch.autograd.grad(out[:, :, 200:210].sum(), k)[0]
+    assert torch.all(dk[:, :, :193] == 0) and torch.all(dk[:, :, 210:] == 0)
+    assert dk[:, :, 193:210].abs().sum() > 0
+
+
+# Attention sinks on every kernel path: no mask, causal square, causal chunk at an offset (the
+# split flash op on CPU), padding, window, decode row; learnable values and off-by-one zeros.
+SINKS = {
+    "nomask": (False, 16, 64, 0, None, False),
+    "causal": (True, 16, 16, 0, None, False),
+    "offset": (True, 12, 64, 24, None, False),
+    "padding": (True, 12, 64, 24, None, True),
+    "window": (True, 12, 64, 24, (5, 0), False),
+    "decode": (True, 1, 37, 36, None, False),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "unfused"])
+@pytest.mark.parametrize("case", list(SINKS))
+@pytest.mark.parametrize("kind", ["learnable", "off-by-one"])
+def test_attention_sink(case, backend, kind):
+    causal, sq, sk, q_offset, window, padded = SINKS[case]
+    sink = (torch.randn(4, generator=torch.Generator().manual_seed(5)) if kind == "learnable"
+            else torch.zeros(4)).requires_grad_()
+    mask = None
+    if padded:
+        mask = torch.rand(B, 1, sq, sk, generator=torch.Generator().manual_seed(2)) < 0.3
+    check(*make(4, 2, sq, sk), causal=causal, q_offset=q_offset, padding_mask=mask,
+          window=window, sink=sink, backend=backend)
+
+
+def test_mask_description_rules():
+    """MaskSpec.of follows megatron: a window replaces causal and padding, right = 0 is causal;
+    key_range is the rows' band; simplified drops what hides nothing."""
+    pad = torch.zeros(1, 1, 4, 8, dtype=torch.bool)
+    assert MaskSpec.of(True, 4, None, pad).padding is pad
+    windowed = MaskSpec.of(True, 4, (2, 0), pad)
+    assert (windowed.causal, windowed.left, windowed.right, windowed.padding) == (True, 2, None,
+                                                                                  None)
+    assert MaskSpec.of(False, 0, (2, 3)).causal is False
+    assert MaskSpec.of(True, 0, (-1, 0)) == MaskSpec(True, 0)
+    assert windowed.key_range(4, 8) == (2, 8)  # rows at 4..7 see keys 2..7
+    assert MaskSpec(True, 0, 1).key_range(4, 8) == (0, 4)
+    assert MaskSpec(False, 0, None, 1).key_range(4, 8) == (0, 5)
+    assert MaskSpec(True, 7).hides_nothing(1, 8)  # a decode row sees all keys
+    assert MaskSpec(True, 0, 16).simplified(16, 16) == MaskSpec(True, 0)
+    assert MaskSpec(True, 4, 2).tensor(2, 8).view(2, 8).tolist() == [
+        [k < 2 or k > 4 for k in range(8)], [k < 3 or k > 5 for k in range(8)]]
+    strided = MaskSpec(True, 6, 3).tensor(1, 3, key_positions=torch.tensor([1, 4, 7]))
+    assert strided.view(-1).tolist() == [True, False, True]

@@ -17,15 +17,22 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.tensor_parallel.mappings import (
+    all_gather_last_dim_from_tensor_parallel_region,
+    copy_to_tensor_model_parallel_region,
+)
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 
 from megatron_mxn.attention import kernels
 from megatron_mxn.attention.collectives import all_reduce_sum
+from megatron_mxn.attention.mask import MaskSpec
 from megatron_mxn.attention.seq_split import seq_split_attention
 from megatron_mxn.grid.rng import head_group_rng_fork
 from megatron_mxn.grid.groups import grid_groups_of
@@ -54,9 +61,16 @@ class MxnDotProductAttention(DotProductAttention):
         self.dim_slice_group = grid.dim_slice_group
         self.dim_slices = grid.dim_slices
         self.head_group_index = grid.head_group_index
+        self.dim_slice_index = grid.dim_slice_index
         self.schedule = getattr(config, "mxn_attention", "auto")
         self.decisions = []  # auto: (phase, sq, sk, chosen) each time the choice changes
         self.on_gathered_kv = None  # set by a prefill into the position-sharded KV cache
+        # The layer's sliding window (megatron's rule for which layers have one). Every path
+        # takes it through one MaskSpec (mask_of); megatron's softmax gets the built mask.
+        self.window = config.window_size if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number) else None
+        self.scale_mask_softmax.window_size = None
+        self.scale_mask_softmax.attn_mask_type = AttnMaskType.no_mask
         if self.schedule == "sliced" and config.softmax_scale is None:
             self.softmax_scale = 1.0 / (config.kv_channels // grid.dim_slices) ** 0.5
 
@@ -85,9 +99,9 @@ class MxnDotProductAttention(DotProductAttention):
         sk = key.size(0)
         schedule = self._resolve(ScoreShape(b, heads, key.size(2), sq, sk, dl, self.dim_slices,
                                             query.element_size()))
+        mask = self.mask_of(attention_mask, attn_mask_type, sq, sk)
         if schedule in ("seq", "sliced"):
-            return self._fused(schedule, query, key, value, attention_mask,
-                               attn_mask_type or self.attn_mask_type)
+            return self._fused(schedule, query, key, value, mask)
         if schedule == "gather":  # the full head dims of Q and K (in the same dim order)
             query = all_gather_last_dim_from_tensor_parallel_region(
                 query.contiguous(), group=self.dim_slice_group)
@@ -107,14 +121,11 @@ class MxnDotProductAttention(DotProductAttention):
             scores = all_reduce_sum(scores, self.dim_slice_group)
         scores = (scores * self.softmax_scale).view(b, heads, sq, sk)
 
-        # megatron's masking and softmax (the unfused path: scores are fp32 here). A causal
-        # prefill chunk after a KV cache (1 < sq < sk) needs the lower-right mask megatron's
-        # softmax does not build.
-        if attention_mask is None and 1 < sq < sk and \
-                (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal:
-            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(
-                1 + sk - sq).view(1, 1, sq, sk)
-        probs = self.scale_mask_softmax.forward_torch_softmax(scores, attention_mask)
+        # megatron's masking and softmax (the unfused path: scores are fp32 here), with the
+        # mask built from the layer's MaskSpec (lower-right causal, window, padding) and the
+        # attention sink as megatron's SoftmaxOne adds it.
+        probs = self.scale_mask_softmax.forward_torch_softmax(
+            scores, mask.tensor(sq, sk, scores.device), self.sink())
         probs = probs.to(value.dtype)
         if self.training and self.attention_dropout.p > 0:
             with head_group_rng_fork(self.head_group_index):
@@ -124,28 +135,61 @@ class MxnDotProductAttention(DotProductAttention):
         context = torch.bmm(probs.view(b * heads, sq, sk), v)
         return context.view(b, heads, sq, dl).permute(2, 0, 1, 3).reshape(sq, b, heads * dl)
 
-    def _fused(self, schedule, query, key, value, attention_mask, mask_type):
+    def mask_of(self, attention_mask, attn_mask_type, sq: int, sk: int) -> MaskSpec:
+        """The MaskSpec of a call with sq queries (the last sq of sk positions: a prefill chunk
+        or decode step after a KV cache is lower-right aligned). A mask tensor is used as given
+        (True = masked out); causal applies when there is none; a window replaces both, as in
+        megatron's softmax."""
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and \
+            attention_mask is None
+        return MaskSpec.of(causal, sk - sq, self.window, attention_mask)
+
+    def sink(self) -> Optional[torch.Tensor]:
+        """This head group's attention-sink logits [h/n] (softmax_type off-by-one: zeros;
+        learnable: the parameter), or None. Each of the m ranks of a head group sees part of
+        its gradient (its dims of dO, or its query rows), so the backward sums it over the
+        dim-slice group and every replica gets the whole."""
+        offset = self.softmax_offset
+        if offset is None or not offset.requires_grad or self.dim_slices == 1:
+            return offset
+        return copy_to_tensor_model_parallel_region(offset, group=self.dim_slice_group)
+
+    def _fused(self, schedule, query, key, value, mask: MaskSpec):
         """The fused-kernel schedules: `seq` (the sequence-split core over the dim-slice group)
-        and `sliced` (each rank's own slice, no communication). A mask tensor is used as given
-        (True = masked out, cut to the local rows); a causal layer without one never builds an
-        s_q x s_k tensor."""
+        and `sliced` (each rank's own slice, no communication). A causal or windowed mask never
+        builds an s_q x s_k tensor; a padding mask is cut to each kernel call's rows."""
         sq, b, heads, dl = query.shape
-        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        sink = self.sink()
+        sink = None if sink is None else sink.float()
         dropout = self.attention_dropout.p if self.training else 0.0
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
         # dropout from the per-rank stream: the ranks hold distinct rows (seq) or dims (sliced)
         with get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
             if schedule == "seq":
                 out = seq_split_attention(query, key, value, self.dim_slice_group, scale=scale,
-                                          causal=causal, padding_mask=attention_mask,
-                                          dropout_p=dropout, on_gathered_kv=self.on_gathered_kv)
+                                          mask=mask, dropout_p=dropout, sink=sink,
+                                          on_gathered_kv=self.on_gathered_kv)
             else:
-                sk = key.size(0)
                 out = kernels.attention(
                     query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
-                    value.permute(1, 2, 0, 3), scale=scale, causal=causal, q_offset=sk - sq,
-                    padding_mask=attention_mask, dropout_p=dropout).permute(2, 0, 1, 3)
+                    value.permute(1, 2, 0, 3), scale=scale, mask=mask, dropout_p=dropout,
+                    sink=sink).permute(2, 0, 1, 3)
         return out.reshape(sq, b, heads * dl)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The learnable sink under megatron's key and global shape [h]: head group i holds
+        heads i*h/n .. (i+1)*h/n - 1; its m dim-slice ranks are replicas (slice 0 writes)."""
+        if self.config.softmax_type != "learnable":
+            return {}
+        dp = metadata["dp_cp_group"].rank() if metadata and metadata.get("dp_cp_group") \
+            else parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        prepend = len(sharded_offsets)
+        key = f"{prefix}softmax_offset"
+        return {key: ShardedTensor.from_rank_offsets(
+            key, self.softmax_offset, *sharded_offsets,
+            (prepend, self.head_group_index, self.config.num_attention_heads //
+             self.num_attention_heads_per_partition),
+            replica_id=(0, self.dim_slice_index, dp), prepend_axis_num=prepend)}
 
 
 def fp32_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

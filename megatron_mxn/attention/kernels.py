@@ -31,6 +31,7 @@ expansion costs O(s) memory, the math fallback O(s^2)). A row whose keys are all
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Optional
 
@@ -39,36 +40,89 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
+from megatron_mxn.attention.mask import NO_MASK, MaskSpec
+
 BACKENDS = ("auto", "torch", "unfused")
 _HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
     torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 _warned_materialise = False
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, q_offset: int = 0,
-              padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: MaskSpec = NO_MASK,
+              dropout_p: float = 0.0, sink: Optional[Tensor] = None,
               backend: str = "auto") -> Tensor:
     """softmax(q k^T * scale + mask) v for q [b, hq, sq, d], k/v [b, hk, sk, d] -> [b, hq, sq, d].
 
-    causal: row r (absolute position q_offset + r) sees keys 0 .. q_offset + r. padding_mask: bool
-    [b, 1 or hq, sq, sk], True = masked out (megatron's convention). Query head t uses KV head
-    t // (hq // hk)."""
-    _check(q, k, v, causal, q_offset, padding_mask, dropout_p, backend)
-    sq = q.shape[2]
-    if causal:  # keys past the chunk's last position are never seen
-        end = q_offset + sq
-        k, v = k[:, :, :end], v[:, :, :end]
-        padding_mask = None if padding_mask is None else padding_mask[..., :end]
+    mask: which keys each row sees (mask.py; query row r at position mask.q_offset + r, keys at
+    0 .. sk-1). Keys no row can see are sliced off first; a window that binds is run in query
+    tiles, each against its own band of keys, so memory stays O(sq * (tile + window)).
+    sink: fp32 [hq] attention-sink logits (megatron's softmax_type off-by-one / learnable): one
+    more term exp(sink) in each row's softmax denominator, none in the output; differentiable.
+    Query head t uses KV head t // (hq // hk)."""
+    _check(q, k, v, mask, dropout_p, backend)
+    sq, sk = q.shape[2], k.shape[2]
+    lo, hi = mask.key_range(sq, sk)
+    if (lo, hi) != (0, sk):  # keys that no row sees
+        k, v, mask = k[:, :, lo:hi], v[:, :, lo:hi], mask.keys(lo, hi)
+    mask = mask.simplified(sq, hi - lo)
+    tile = _window_tile(mask, sq)
+    if tile:
+        return torch.cat([attention(q[:, :, a:a + tile], k, v, scale=scale,
+                                    mask=mask.rows(a, a + tile), dropout_p=dropout_p,
+                                    sink=sink, backend=backend)
+                          for a in range(0, sq, tile)], dim=2)
+    if sink is not None:  # one always-visible key whose score is the sink, value 0
+        q, k, v, mask = _with_sink_key(q, k, v, mask, sink, scale)
+        return _attend(q, k, v, scale, mask, dropout_p, backend)[..., :-1]
+    return _attend(q, k, v, scale, mask, dropout_p, backend)
+
+
+def _window_tile(mask: MaskSpec, sq: int) -> int:
+    """Query rows per tile when a left window binds over many rows (0: one call)."""
+    if mask.left is None:
+        return 0
+    tile = max(128, mask.left)
+    return tile if sq > 2 * tile else 0
+
+
+def _with_sink_key(q, k, v, mask: MaskSpec, sink: Tensor, scale: float):
+    """Append a head dim and prepend a key: q' = [q, sink / scale], k' = [k, 0] and the sink key
+    [0, .., 0, 1] (shared by every KV head, the value per query head rides on q), v' = [v, 0]
+    and the sink value 0. Then q'k'^T * scale is the scores plus a sink column, and attention
+    over the new key set is attention with the sink: exact, through any kernel and its
+    autograd (d sink comes back through q's extra dim)."""
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    extra = (sink.to(q.dtype) / scale).view(1, hq, 1, 1).expand(b, hq, sq, 1)
+    q = torch.cat([q, extra], dim=-1)
+    sink_key = torch.zeros(b, hk, 1, d + 1, dtype=k.dtype, device=k.device)
+    sink_key[..., -1] = 1
+    k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
+    v = torch.cat([torch.zeros(b, hk, 1, d + 1, dtype=v.dtype, device=v.device),
+                   F.pad(v, (0, 1))], dim=2)
+    # the sink key (new column 0) is visible to every row: one more past position
+    if not mask.windowed:
+        padding = None if mask.padding is None else F.pad(mask.padding, (1, 0), value=False)
+        return q, k, v, dataclasses.replace(mask, q_offset=mask.q_offset + 1, padding=padding)
+    hidden = mask.tensor(sq, sk, q.device)  # a band does not shift: materialise it
+    return q, k, v, MaskSpec(padding=F.pad(hidden, (1, 0), value=False))
+
+
+def _attend(q, k, v, scale, mask: MaskSpec, dropout_p, backend) -> Tensor:
+    """One kernel call on keys already cut to the rows' band (mask simplified)."""
+    sq, sk = q.shape[2], k.shape[2]
+    plain = mask.padding is None and not mask.windowed
     if backend == "unfused":
-        mask = _combined_mask(q, k, causal, q_offset, padding_mask)
-        return _unfused(q, k, v, scale, mask, dropout_p)
-    if padding_mask is not None:
-        mask = _combined_mask(q, k, causal, q_offset, padding_mask)
-        return _sdpa(q, k, v, scale, mask, False, dropout_p)
-    if not causal or q_offset == 0:  # square diagonal block: is_causal is correctly aligned
-        return _sdpa(q, k, v, scale, None, causal, dropout_p)
+        return _unfused(q, k, v, scale, mask.tensor(sq, sk, q.device), dropout_p)
+    if not plain:
+        return _sdpa(q, k, v, scale, mask.tensor(sq, sk, q.device), False, dropout_p)
+    if not mask.causal:
+        return _sdpa(q, k, v, scale, None, False, dropout_p)
+    q_offset = mask.q_offset  # causal, cut to [.., q_offset + sq): lower-right aligned
+    if q_offset == 0:  # square diagonal block: is_causal is correctly aligned
+        return _sdpa(q, k, v, scale, None, True, dropout_p)
     if q.device.type != "cpu":
-        return _sdpa(q, k, v, scale, causal_lower_right(sq, k.shape[2]), False, dropout_p)
+        return _sdpa(q, k, v, scale, causal_lower_right(sq, sk), False, dropout_p)
     if _HAS_CPU_FLASH and dropout_p == 0:
         return _OffsetCausalFlash.apply(q, k, v, q_offset, scale)
     global _warned_materialise
@@ -76,7 +130,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool, q_
         _warned_materialise = True
         warnings.warn("torch lacks the CPU flash op with log-sum-exp: causal chunks at an offset "
                       "materialise an s_q x s_k mask")
-    return _sdpa(q, k, v, scale, _combined_mask(q, k, True, q_offset, None), False, dropout_p)
+    return _sdpa(q, k, v, scale, mask.tensor(sq, sk, q.device), False, dropout_p)
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
@@ -86,7 +140,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     lse [b, hq, sq] (fp32; -inf and out = 0 for rows without a visible key). out is fp32.
     mask: bool, broadcastable to [b, hq, sq, sk], True = masked out. Without a mask on CPU it
     runs the flash op (no score matrix, no fp32 copy of K/V); otherwise the unfused path."""
-    _check(q, k, v, False, 0, None, 0.0, backend)
+    _check(q, k, v, NO_MASK, 0.0, backend)
     if (backend != "unfused" and mask is None and q.device.type == "cpu" and _HAS_CPU_FLASH
             and k.shape[2] > 0):  # (the op crashes on an empty key block)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -98,7 +152,7 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     return torch.matmul(probs, v), lse
 
 
-def _check(q, k, v, causal, q_offset, padding_mask, dropout_p, backend) -> None:
+def _check(q, k, v, mask, dropout_p, backend) -> None:
     """Refuse impossible requests up front (the private CPU op silently accepts hq % hk != 0)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -111,27 +165,18 @@ def _check(q, k, v, causal, q_offset, padding_mask, dropout_p, backend) -> None:
                          f"batch and head dim, and hq a multiple of hk")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if causal and not 0 <= q_offset <= sk - sq:
-        raise ValueError(f"causal chunk at q_offset={q_offset} with sq={sq} needs 0 <= q_offset "
-                         f"and q_offset + sq <= sk={sk}")
-    if padding_mask is not None and (
-            padding_mask.dtype != torch.bool or padding_mask.dim() != 4
-            or padding_mask.shape[0] not in (1, b) or padding_mask.shape[1] not in (1, hq)
-            or tuple(padding_mask.shape[2:]) != (sq, sk)):
+    if mask.causal and not mask.windowed and not 0 <= mask.q_offset <= sk - sq:
+        raise ValueError(f"causal chunk at q_offset={mask.q_offset} with sq={sq} needs "
+                         f"0 <= q_offset and q_offset + sq <= sk={sk}")
+    padding = mask.padding
+    if padding is not None and (
+            padding.dtype != torch.bool or padding.dim() != 4
+            or padding.shape[0] not in (1, b) or padding.shape[1] not in (1, hq)
+            or tuple(padding.shape[2:]) != (sq, sk)):
         raise ValueError(f"padding_mask must be bool [b or 1, 1 or hq, {sq}, {sk}], got "
-                         f"{padding_mask.dtype} {tuple(padding_mask.shape)}")
+                         f"{padding.dtype} {tuple(padding.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
-def _combined_mask(q, k, causal, q_offset, padding_mask) -> Optional[Tensor]:
-    """Bool mask, True = masked out: the padding mask, or-ed with the offset causal mask."""
-    mask = padding_mask
-    if causal:
-        rows = torch.arange(q.shape[2], device=q.device) + q_offset
-        future = torch.arange(k.shape[2], device=q.device)[None, :] > rows[:, None]
-        mask = future if mask is None else mask | future
-    return mask
 
 
 def _sdpa(q, k, v, scale, mask, is_causal, dropout_p) -> Tensor:

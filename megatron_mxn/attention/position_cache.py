@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
 
 from megatron_mxn.attention import kernels
+from megatron_mxn.attention.mask import MaskSpec
 from megatron_mxn.attention.schedules import choose_kv_cache
 
 def owned_positions(length: int, dim_slices: int, rank: int) -> int:
@@ -67,11 +68,12 @@ class PositionShardedCache:
 @torch.no_grad()
 def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                cache: PositionShardedCache, start: int, batch: slice, group,
-                               scale: float, padding_mask: Optional[torch.Tensor] = None
-                               ) -> torch.Tensor:
+                               scale: float, mask: MaskSpec,
+                               sink: Optional[torch.Tensor] = None) -> torch.Tensor:
     """query [sq, b, hq, d/m], key/value [sq, b, hk, d/m] (this rank's dims of the new tokens at
     positions start .. start+sq-1, RoPE applied) -> output [sq, b, hq * d/m] (dims of this
-    rank), causal over positions. padding_mask: bool [b, 1, sq, start+sq], True = masked out."""
+    rank). mask: the new rows against positions 0 .. start+sq-1 (mask.py; q_offset = start).
+    sink: [hq] attention-sink logits, one more term of the merged softmax's denominator."""
     m, j = dist.get_world_size(group), dist.get_rank(group)
     sq, b, hq, dl = query.shape
     hk = key.size(2)
@@ -80,17 +82,16 @@ def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: to
     q, k, v = qkv.split([hq, hk, hk], dim=2)
     cache.store(k, v, start, batch)
     end = start + sq
-    k_own, v_own = cache.owned(end, batch)  # positions j, j+m, ...
 
-    # This rank's share: its positions, a partial output and its log-sum-exp (fp32).
+    # This rank's share: its positions inside the rows' band (a window leaves the older ones
+    # out; a rank may own none), a partial output and its log-sum-exp (fp32).
+    lo, hi = mask.key_range(sq, end)
+    first, stop = owned_positions(lo, m, j), owned_positions(hi, m, j)
+    k_own, v_own = (t[first:stop] for t in cache.owned(hi, batch))
     masked = None
-    if sq > 1:  # causal over absolute positions (one query sees every cached key)
-        key_pos = torch.arange(j, end, m, device=q.device)
-        query_pos = torch.arange(start, end, device=q.device)
-        masked = (key_pos[None, :] > query_pos[:, None]).view(1, 1, sq, -1)
-    if padding_mask is not None:
-        cut = padding_mask[..., j:end:m]
-        masked = cut if masked is None else masked | cut
+    if sq > 1 or mask.padding is not None:  # one query sees every key of its band
+        masked = mask.tensor(sq, stop - first, q.device,
+                             key_positions=torch.arange(first, stop, device=q.device) * m + j)
     partial, lse = kernels.attention_with_lse(
         q.permute(1, 2, 0, 3), k_own.permute(1, 2, 0, 3), v_own.permute(1, 2, 0, 3),
         scale=scale, mask=masked)  # [b, hq, sq, d], [b, hq, sq]
@@ -99,6 +100,8 @@ def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: to
     lses = lse.new_empty((m * lse.size(0), *lse.shape[1:]))
     dist.all_gather_into_tensor(lses, lse.contiguous(), group=group)
     total = torch.logsumexp(lses.view(m, *lse.shape), dim=0)
+    if sink is not None:  # once per head, not once per rank
+        total = torch.logaddexp(total, sink.float().view(1, hq, 1))
     weight = torch.exp(lse - total).nan_to_num(0.0)
     weighted = (partial * weight.unsqueeze(-1)).reshape(b, hq, sq, m, dl)
     out = weighted.new_empty(sq, b, hq, dl)

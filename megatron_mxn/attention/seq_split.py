@@ -22,6 +22,7 @@ from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tens
 
 from megatron_mxn.attention import kernels
 from megatron_mxn.attention.collectives import all_to_all_rows
+from megatron_mxn.attention.mask import MaskSpec
 
 
 def chunk_bounds(length: int, dim_slices: int) -> List[int]:
@@ -36,14 +37,14 @@ def owned_chunks(rank: int, dim_slices: int):
 
 
 def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        group: dist.ProcessGroup, *, scale: float, causal: bool,
-                        padding_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                        group: dist.ProcessGroup, *, scale: float, mask: MaskSpec,
+                        dropout_p: float = 0.0, sink: Optional[torch.Tensor] = None,
                         backend: str = "auto", on_gathered_kv=None) -> torch.Tensor:
     """query [sq, b, hq, d/m], key/value [sk, b, hk, d/m] (this rank's dims) -> the attention
-    output [sq, b, hq, d/m] (this rank's dims). Query row t sits at position sk - sq + t
-    (a prefill chunk after a KV cache is lower-right aligned); causal hides later keys.
-    padding_mask: bool [b, 1, sq, sk], True = masked out. on_gathered_kv(k, v): receives the
-    all-gathered K/V [sk, b, hk, d] (a prefill fills the position-sharded KV cache from them)."""
+    output [sq, b, hq, d/m] (this rank's dims). mask: of the sq rows against the sk keys
+    (mask.py; each chunk takes its rows, the kernel cuts the keys to the chunk's band). sink:
+    [hq] attention-sink logits. on_gathered_kv(k, v): receives the all-gathered K/V
+    [sk, b, hk, d] (a prefill fills the position-sharded KV cache from them)."""
     m, j = dist.get_world_size(group), dist.get_rank(group)
     sq, b, hq, dl = query.shape
     sk = key.size(0)
@@ -67,10 +68,8 @@ def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     for s, e in rows_of[j]:
         q_chunk = q[start:start + e - s].permute(1, 2, 0, 3)  # [b, hq, rows, d]
         start += e - s
-        mask = None if padding_mask is None else padding_mask[:, :, s:e]
-        outs.append(kernels.attention(q_chunk, k, v, scale=scale, causal=causal,
-                                      q_offset=sk - sq + s, padding_mask=mask,
-                                      dropout_p=dropout_p, backend=backend))
+        outs.append(kernels.attention(q_chunk, k, v, scale=scale, mask=mask.rows(s, e),
+                                      dropout_p=dropout_p, sink=sink, backend=backend))
     out = torch.cat(outs, dim=2).permute(2, 0, 1, 3)  # [my tokens, b, hq, d]
 
     # O: dims r of my tokens go back to rank r; I receive dims j of every token (order).

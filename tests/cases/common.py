@@ -5,6 +5,7 @@ Everything here runs inside a worker rank (tests/pool.py) with CPU mode enabled.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, Dict, Optional
 
@@ -57,6 +58,8 @@ class ModelSpec:
     experts: int = 0  # > 0: every layer's MLP is megatron-core's MoE layer (top-2 routing)
     seq: int = SEQ  # tokens per sequence (at most SEQ, the model's positions)
     hybrid: Optional[str] = None  # a layer pattern ("*-*-"): megatron-core's HybridModel
+    softmax_type: str = "vanilla"  # vanilla | off-by-one | learnable (attention sinks)
+    window_size: Optional[tuple] = None  # megatron's sliding window (left, right)
 
 
 def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = False,
@@ -80,32 +83,79 @@ def make_config(spec: ModelSpec, tp: int, pp: int = 1, m: int = 1, sp: bool = Fa
         fp16=spec.dtype == "fp16", hidden_dropout=0.0,
         attention_dropout=spec.attention_dropout, rotary_interleaved=spec.interleaved,
         qk_layernorm=spec.qk_norm is not None, normalization=spec.qk_norm or "LayerNorm",
-        add_qkv_bias=spec.qkv_bias, use_cpu_initialization=True, **extra)
+        add_qkv_bias=spec.qkv_bias, use_cpu_initialization=True,
+        **({"softmax_type": spec.softmax_type} if spec.softmax_type != "vanilla" else {}),
+        **({"window_size": tuple(spec.window_size)} if spec.window_size else {}), **extra)
 
 
 def build_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool,
-                max_seq: int = SEQ):
+                max_seq: int = SEQ, **model_extra):
     """GPTModel (HybridModel when spec.hybrid) for this rank's pipeline stage, with the grid
-    spec or megatron's stock one."""
+    spec or megatron's stock one. model_extra: more GPTModel arguments (rotary_base,
+    rope_scaling, seq_len_interpolation_factor, ...)."""
     if spec.hybrid:
-        return build_hybrid_model(spec, config, pgs, grid, max_seq)
+        return build_hybrid_model(spec, config, pgs, grid, max_seq, **model_extra)
     layer = get_gpt_layer_local_spec(num_experts=spec.experts or None,
                                      qk_layernorm=spec.qk_norm is not None,
-                                     normalization=spec.qk_norm)
+                                     normalization=spec.qk_norm,
+                                     qk_l2_norm=bool(getattr(config, "qk_l2_norm", False)))
+    if getattr(config, "layernorm_zero_centered_gamma", False):
+        layer = zero_centered_block_spec(layer, config.num_layers)
     if grid:
-        rotary = spec.rotary_percent if spec.position == "rope" else 0.0
+        rotary = spec.rotary_percent if spec.position in ("rope", "yarn") else 0.0
         layer = megatron_mxn.get_mxn_layer_spec(layer, rotary_percent=rotary)
     model = GPTModel(
         config, layer, VOCAB, max_seq,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         position_embedding_type=spec.position, rotary_percent=spec.rotary_percent,
-        pg_collection=pgs)
+        pg_collection=pgs, **model_extra)
     return model.to(DTYPES[spec.dtype])
 
 
+class ZeroCenteredNorm(torch.nn.Module):
+    """LayerNorm / RMSNorm (config.normalization) with layernorm_zero_centered_gamma: the weight
+    starts at 0 and is applied as weight + 1, as megatron-core's apex FusedLayerNorm (and TE's
+    norms) do. The local spec's torch norms assert the option off, and apex / TE are not
+    installed here, so tests build models with this stand-in (every norm of the TP=1 model;
+    every norm but the grid's own q/k norms, SlicedHeadNorm, on the grid)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        assert config.layernorm_zero_centered_gamma
+        self.kind, self.shape, self.eps = config.normalization, (hidden_size,), eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        self.bias = (torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+                     if self.kind == "LayerNorm" else None)
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 1
+        if self.kind == "LayerNorm":
+            return torch.nn.functional.layer_norm(x, self.shape, weight, self.bias, self.eps)
+        return torch.nn.functional.rms_norm(x, self.shape, weight, self.eps)
+
+
+def zero_centered_block_spec(layer, num_layers: int):
+    """The local layer spec as a block spec whose norms (input, pre-MLP, final and, where the
+    spec has them, q/k) are ZeroCenteredNorm."""
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    layer = copy.deepcopy(layer)
+    sub = layer.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = ZeroCenteredNorm
+    attn = sub.self_attention.submodules
+    for name in ("q_layernorm", "k_layernorm"):
+        if getattr(attn, name) not in (None, IdentityOp):
+            setattr(attn, name, ZeroCenteredNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
+                                      layer_norm=ZeroCenteredNorm)
+
+
 def build_hybrid_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool,
-                       max_seq: int = SEQ):
+                       max_seq: int = SEQ, **model_extra):
     """megatron-core's HybridModel on the grid's hybrid stack spec; without the grid (m = 1)
     that spec is megatron-core's local modules with megatron-core's own attention."""
     from megatron.core.models.hybrid.hybrid_model import HybridModel
@@ -120,7 +170,7 @@ def build_hybrid_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, gri
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         position_embedding_type=spec.position, rotary_percent=spec.rotary_percent,
-        pg_collection=pgs)
+        pg_collection=pgs, **model_extra)
     return model.to(DTYPES[spec.dtype])
 
 
@@ -241,3 +291,26 @@ def l2_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     rounding differs between any two correct implementations)."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def load_full(model, full: Dict[str, torch.Tensor]) -> None:
+    """Copy every parameter's shard out of `full` (checkpoint key -> the full TP=1 tensor, as
+    full_layout returns it), through the model's own sharded_state_dict: the in-memory
+    equivalent of saving a TP=1 checkpoint and loading it, without dist-checkpointing's
+    seconds of I/O per case."""
+    params = {id(p): p for p in model.parameters()}
+    loaded = set()
+    for item in nested_values(model.sharded_state_dict()):
+        if isinstance(item, ShardedObject) or id(item.data) not in params:
+            continue
+        pieces = item.build() if isinstance(item, ShardedTensorFactory) else [item]
+        for s in pieces:
+            if not isinstance(s, ShardedTensor):
+                continue
+            index = tuple(slice(o, o + n) for o, n in
+                          zip(s.global_offset, (1,) * s.prepend_axis_num + tuple(s.local_shape)))
+            s.data.copy_(full[s.key][index].reshape(s.data.shape))
+        loaded.add(id(item.data))
+    missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
+    assert not missing, f"parameters without a checkpoint key: {missing}"
