@@ -1,9 +1,11 @@
-"""Fused attention for the sequence-split core (the sequence-split core of the issue tracker; docs/design.md).
+"""Fused attention for the sequence-split core and the `sliced` schedule (docs/design.md).
 
 A rank attends a few query rows, at absolute positions q_offset .. q_offset + sq - 1, to keys at
-positions 0 .. sk - 1 with the full head dim. With a causal mask or none, no sq x sk tensor is
-built: memory stays O(s). A causal chunk only sees keys [0, q_offset + sq), so the rest are sliced
-off first.
+positions 0 .. sk - 1 with the full head dim; which keys each row sees is one MaskSpec
+(mask.py: causal, window, padding). Keys that no row sees are sliced off first (a causal chunk
+sees [0, q_offset + sq), a windowed one its band), and a binding left window runs in query tiles,
+so without a padding mask no sq x sk tensor is built: memory stays O(s) (O(s * window)). An
+attention sink is one more always-visible key (_with_sink_key), so every path below takes it.
 
 Which path runs (backend "torch"; "auto" is the same: torch's SDPA serves every accepted case):
 
@@ -13,7 +15,7 @@ Which path runs (backend "torch"; "auto" is the same: torch's SDPA serves every 
   causal, q_offset > 0      _OffsetCausalFlash: private CPU flash  SDPA + causal_lower_right
                             op on past + diagonal block, LSE merge (flash/mem-efficient, no mask)
     private ops missing     SDPA + materialised mask, warns once   -
-  padding_mask (+ causal)   SDPA with the combined bool mask       same (materialising unavoidable)
+  padding or a window       SDPA with the bool mask of the band    same (materialising unavoidable)
   dropout_p > 0             as above with SDPA's dropout, except   as above, SDPA's dropout
                             an offset causal chunk: materialised
                             mask (no warning: SDPA's dropout on

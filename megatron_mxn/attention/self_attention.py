@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.typed_torch import apply_module
 from megatron.core.utils import deprecate_inference_params
 
+from megatron_mxn.attention import options
 from megatron_mxn.attention.position_cache import (
     PositionShardedCache,
     kv_cache_of,
@@ -36,18 +37,6 @@ from megatron_mxn.attention.sharding import grid_sharded_factory
 from megatron_mxn.cpu import install_grid_guards
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
 from megatron_mxn.grid.groups import MxnProcessGroupCollection, grid_groups_of
-
-# Options of TransformerConfig the grid attention does not implement: (attribute, allowed value).
-_UNSUPPORTED = (
-    ("attention_output_gate", False),
-    ("flash_decode", False),
-    ("fused_single_qkv_rope", False),
-    ("softmax_type", "vanilla"),
-    ("qk_clip", False),
-    ("experimental_attention_variant", None),
-    ("multi_latent_attention", False),
-)
-
 
 class MxnSelfAttention(SelfAttention):
     """Exact multi-head (MHA/GQA/MQA) self-attention spread over n head groups x m dim slices.
@@ -62,6 +51,10 @@ class MxnSelfAttention(SelfAttention):
                  cp_comm_type: Optional[str] = None, pg_collection=None,
                  pp_layer_offset: Optional[int] = None, name: Optional[str] = None,
                  rotary_percent: float = 1.0):
+        # Every option of the config is classified in options.py: refuse what the grid does not
+        # compute exactly (and a replaced core), on every rank, before any collective.
+        options.check_config(config, layer_number)
+        options.check_core_attention(submodules.core_attention)
         if pg_collection is None:
             pg_collection = MxnProcessGroupCollection.use_mpu_process_groups()
         grid = grid_groups_of(pg_collection)
@@ -240,7 +233,8 @@ class MxnSelfAttention(SelfAttention):
             out = position_sharded_attention(
                 query, key, value, cache, start, batch, self.mxn_grid.dim_slice_group,
                 scale=core.softmax_scale * (core.scale_mask_softmax.scale or 1.0),
-                padding_mask=attention_mask)
+                mask=core.mask_of(attention_mask, self.attn_mask_type, sq, start + sq),
+                sink=core.softmax_offset)
         return apply_module(self.linear_proj)(out)
 
     def _decode_shape(self, context, hidden_states) -> ScoreShape:
@@ -315,6 +309,7 @@ def _check_rotary_of_model(model, name, submodule):
     rotary = getattr(model, "position_embedding_type", None) in ROTARY_POSITION_TYPES
     for layer in submodule.modules():
         if isinstance(layer, MxnSelfAttention):
+            options.check_model(position_embedding_type=model.position_embedding_type)
             want = _rotary_dim(layer.config, model.rotary_percent if rotary else 0.0)
             if layer.mxn_layout.rotary_dim != want:
                 raise MxnConfigError(
@@ -331,14 +326,7 @@ install_grid_guards()  # megatron-core's dynamic inference engines refuse grid m
 
 
 def _check_supported(config: TransformerConfig, pg_collection, grid) -> None:
-    for attr, allowed in _UNSUPPORTED:
-        value = getattr(config, attr, allowed)
-        if value != allowed:
-            raise MxnConfigError(f"{attr}={value!r} is not supported by the grid attention")
-    if config.context_parallel_size > 1:
-        raise MxnConfigError(
-            f"context parallelism (context_parallel_size={config.context_parallel_size}) "
-            f"cannot be combined with the grid attention")
+    """The grid against its process groups (the config's options: options.check_config)."""
     tp = pg_collection.tp.size()
     if tp != grid.head_groups * grid.dim_slices:
         raise MxnConfigError(f"the TP group ({tp} ranks) must be exactly the grid "

@@ -47,7 +47,6 @@ def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     [sk, b, hk, d] (a prefill fills the position-sharded KV cache from them)."""
     m, j = dist.get_world_size(group), dist.get_rank(group)
     sq, b, hq, dl = query.shape
-    sk = key.size(0)
     bounds = chunk_bounds(sq, m)
     chunks = [(bounds[a], bounds[a + 1]) for a in range(2 * m)]
     rows_of = [[chunks[a] for a in owned_chunks(r, m)] for r in range(m)]

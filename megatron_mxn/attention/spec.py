@@ -42,6 +42,7 @@ def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_perce
         if not (isinstance(module, type) and issubclass(module, SelfAttention)):
             raise MxnConfigError(f"the layer spec's self_attention ({module}) is not "
                                  "megatron-core's SelfAttention; the grid replaces only that")
+        _check_replaceable(module, attn.submodules.core_attention)
         sub = copy.copy(attn.submodules)
         sub.core_attention = MxnDotProductAttention
         for name in ("q_layernorm", "k_layernorm"):
@@ -51,6 +52,30 @@ def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_perce
             module=MxnSelfAttention, params={**attn.params, "rotary_percent": rotary_percent},
             submodules=sub)
     return spec
+
+
+# The core attentions the grid's core reproduces exactly: megatron-core's own.
+_STOCK_CORES = {("megatron.core.transformer.dot_product_attention", "DotProductAttention"),
+                ("megatron.core.extensions.transformer_engine", "TEDotProductAttention")}
+
+
+def _check_replaceable(module, core) -> None:
+    """The grid replaces megatron-core's SelfAttention and core attention by its own, which
+    compute the same: a subclass or another core (say one with attention-logit soft-capping, or
+    Kitchen's) would silently not run, so it is refused."""
+    if module is not SelfAttention and not issubclass(module, MxnSelfAttention):
+        raise MxnConfigError(
+            f"the layer spec's self_attention is {module.__qualname__}, a subclass of "
+            "megatron-core's SelfAttention: the grid would replace it (and whatever it "
+            "changes) by its own; it replaces only SelfAttention itself")
+    name = (getattr(core, "__module__", None), getattr(core, "__qualname__", None))
+    if name not in _STOCK_CORES and not (isinstance(core, type) and
+                                         issubclass(core, MxnDotProductAttention)):
+        raise MxnConfigError(
+            f"the layer spec's core_attention ({getattr(core, '__qualname__', core)}) is not "
+            "megatron-core's DotProductAttention or TEDotProductAttention: the grid would "
+            "replace it by its own core and whatever it computes differently would silently "
+            "not run")
 
 
 def _layer_specs(spec):

@@ -110,6 +110,13 @@ def resolve_mxn_args(args: argparse.Namespace) -> argparse.Namespace:
               f"different model from standard attention ({args.num_attention_heads} x {m} "
               f"heads of kv_channels/{m} dims); it is not equivalent to TP or the exact grid "
               "and its checkpoints do not load into them", flush=True)
+    if m > 1 and getattr(args, "apply_rope_fusion", False):
+        # Megatron's default (there is only --no-rope-fusion); TE's fused RoPE kernel on the
+        # grid's sliced rotary dims is untested (options.py refuses it), unfused RoPE is exact.
+        args.apply_rope_fusion = False
+        if os.environ.get("RANK", "0") == "0":
+            print("> mxn: RoPE runs unfused on the grid (apply_rope_fusion=False, as "
+                  "--no-rope-fusion)", flush=True)
     if getattr(args, "transformer_impl", None) == "transformer_engine" and not _have_te():
         args.transformer_impl = "local"  # FP16/BF16 linears from megatron-core instead
     return args

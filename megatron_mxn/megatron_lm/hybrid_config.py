@@ -15,6 +15,7 @@ from megatron_mxn.attention.hybrid_spec import check_hybrid_pattern, get_mxn_hyb
 from megatron_mxn.grid.groups import mxn_parallel_is_initialized
 from megatron_mxn.grid.layout import MxnConfigError
 from megatron_mxn.megatron_lm.model_config import (
+    check_grid_options,
     initialize_grid_after_megatron,
     mxn_transformer_config_from_args,
 )
@@ -28,8 +29,14 @@ def mxn_hybrid_config_from_args(args) -> "MxnHybridModelConfig":
         raise MxnConfigError("a hybrid model needs --hybrid-layer-pattern (e.g. '*-*-': "
                              "attention '*', MLP '-', MoE 'E', Mamba 'M')")
     check_hybrid_pattern(args.hybrid_layer_pattern)
-    return hybrid_config_from_args(args, config=mxn_transformer_config_from_args(args),
-                                   model_config_cls=MxnHybridModelConfig)
+    config = mxn_transformer_config_from_args(args)
+    check_grid_options(args, config)
+    if config.mxn_dim_slices > 1 and getattr(args, "spec", None) is not None:
+        raise MxnConfigError(
+            f"--spec {' '.join(args.spec)} would replace the grid's hybrid stack spec, so no "
+            "layer would run the grid attention; leave --spec out (the grid builds its own "
+            "stack spec from --hybrid-layer-pattern)")
+    return hybrid_config_from_args(args, config=config, model_config_cls=MxnHybridModelConfig)
 
 
 def hybrid_stack_spec_for(model_config: HybridModelConfig):

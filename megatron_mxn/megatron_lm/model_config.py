@@ -27,12 +27,28 @@ def mxn_gpt_config_from_args(args, model_config_cls=None):
     from megatron.training.argument_utils import gpt_config_from_args
     from megatron.training.models.gpt import GPTModelConfig
 
-    cfg = gpt_config_from_args(args, config=mxn_transformer_config_from_args(args),
+    config = mxn_transformer_config_from_args(args)
+    check_grid_options(args, config)
+    cfg = gpt_config_from_args(args, config=config,
                                model_config_cls=model_config_cls or GPTModelConfig)
     if args.mxn_dim_slices > 1:
         cfg.transformer_layer_spec = GridLayerSpec(args.mxn_head_groups, args.mxn_dim_slices,
                                                    cfg.transformer_layer_spec)
     return cfg
+
+
+def check_grid_options(args, config) -> None:
+    """Refuse, before any collective, what the grid attention does not compute exactly: every
+    TransformerConfig option (megatron_mxn.attention.options.check_config) and the model's
+    position embedding. Includes --attention-backend local, for which megatron.training's
+    GPTModelBuilder would swap the grid's core attention for megatron's DotProductAttention.
+    With m = 1 the layers are megatron-core's own attention: nothing to check."""
+    if getattr(config, "mxn_dim_slices", 1) <= 1:
+        return
+    from megatron_mxn.attention import options
+
+    options.check_model(config, position_embedding_type=args.position_embedding_type)
+    options.check_config(config)
 
 
 class GridLayerSpec:
