@@ -298,6 +298,15 @@ def _rotary_dim(config: TransformerConfig, rotary_percent: float) -> int:
 ROTARY_POSITION_TYPES = ("rope", "yarn", "mrope")
 
 
+def model_rotary_percent(position_embedding_type, rotary_percent: float) -> float:
+    """The fraction of head dims a model rotates, as megatron builds its embedding: RoPE's
+    rotary_percent, all of them under YaRN (megatron's YaRN embedding ignores rotary_percent),
+    none without RoPE. The grid's spec must be built for it."""
+    if position_embedding_type == "yarn":
+        return 1.0
+    return rotary_percent if position_embedding_type in ROTARY_POSITION_TYPES else 0.0
+
+
 def _check_rotary_of_model(model, name, submodule):
     """Global module-registration hook: when a language model (GPTModel and its kin, which
     build their rotary embedding before the decoder) attaches its decoder, every grid
@@ -306,18 +315,19 @@ def _check_rotary_of_model(model, name, submodule):
     here, before any weight is loaded or saved."""
     if name != "decoder" or not hasattr(model, "rotary_percent") or submodule is None:
         return None
-    rotary = getattr(model, "position_embedding_type", None) in ROTARY_POSITION_TYPES
+    percent = model_rotary_percent(getattr(model, "position_embedding_type", None),
+                                   model.rotary_percent)
     for layer in submodule.modules():
         if isinstance(layer, MxnSelfAttention):
             options.check_model(position_embedding_type=model.position_embedding_type)
-            want = _rotary_dim(layer.config, model.rotary_percent if rotary else 0.0)
+            want = _rotary_dim(layer.config, percent)
             if layer.mxn_layout.rotary_dim != want:
                 raise MxnConfigError(
                     f"the grid attention was built for {layer.mxn_layout.rotary_dim} rotary "
                     f"dims, but the model ({type(model).__name__}, position_embedding_type="
                     f"{model.position_embedding_type!r}, rotary_percent="
                     f"{model.rotary_percent}) rotates {want}: pass the model's rotary_percent "
-                    "(0 without RoPE) to get_mxn_layer_spec")
+                    "(0 without RoPE, 1 with YaRN) to get_mxn_layer_spec")
     return None
 
 

@@ -12,6 +12,7 @@ from megatron.training.argument_utils import hybrid_config_from_args
 from megatron.training.models.hybrid import HybridModelBuilder, HybridModelConfig
 
 from megatron_mxn.attention.hybrid_spec import check_hybrid_pattern, get_mxn_hybrid_stack_spec
+from megatron_mxn.attention.self_attention import model_rotary_percent
 from megatron_mxn.grid.groups import mxn_parallel_is_initialized
 from megatron_mxn.grid.layout import MxnConfigError
 from megatron_mxn.megatron_lm.model_config import (
@@ -47,8 +48,8 @@ def hybrid_stack_spec_for(model_config: HybridModelConfig):
     m = getattr(t, "mxn_dim_slices", 1)
     if m > 1 and not mxn_parallel_is_initialized():
         initialize_grid_after_megatron(t.tensor_model_parallel_size // m, m)
-    rotary = model_config.rotary_percent if model_config.position_embedding_type in (
-        "rope", "yarn") else 0.0
+    rotary = model_rotary_percent(model_config.position_embedding_type,
+                                  model_config.rotary_percent)
     return get_mxn_hybrid_stack_spec(
         dim_slices=m, rotary_percent=rotary, qk_layernorm=t.qk_layernorm,
         normalization=t.normalization, moe_grouped_gemm=t.moe_grouped_gemm,

@@ -63,6 +63,7 @@ class GridLayerSpec:
         from megatron.training.models.gpt import default_layer_spec
 
         from megatron_mxn.grid.groups import mxn_parallel_is_initialized
+        from megatron_mxn.attention.self_attention import model_rotary_percent
         from megatron_mxn.attention.spec import get_mxn_layer_spec
 
         if not mxn_parallel_is_initialized():
@@ -72,8 +73,8 @@ class GridLayerSpec:
             base = default_layer_spec(model_config, vp_stage)
         elif callable(base) and not hasattr(base, "submodules"):
             base = base(model_config)
-        rotary = model_config.rotary_percent if model_config.position_embedding_type in (
-            "rope", "yarn") else 0.0
+        rotary = model_rotary_percent(model_config.position_embedding_type,
+                                      model_config.rotary_percent)
         return get_mxn_layer_spec(base, dim_slices=self.dim_slices, rotary_percent=rotary)
 
 

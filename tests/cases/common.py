@@ -28,6 +28,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 import megatron_mxn
 from megatron_mxn import MxnTransformerConfig
+from megatron_mxn.attention.self_attention import model_rotary_percent
 
 VOCAB = 128
 SEQ = 16
@@ -102,7 +103,7 @@ def build_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, grid: bool
     if getattr(config, "layernorm_zero_centered_gamma", False):
         layer = zero_centered_block_spec(layer, config.num_layers)
     if grid:
-        rotary = spec.rotary_percent if spec.position in ("rope", "yarn") else 0.0
+        rotary = model_rotary_percent(spec.position, spec.rotary_percent)
         layer = megatron_mxn.get_mxn_layer_spec(layer, rotary_percent=rotary)
     model = GPTModel(
         config, layer, VOCAB, max_seq,
@@ -160,7 +161,7 @@ def build_hybrid_model(spec: ModelSpec, config, pgs: ProcessGroupCollection, gri
     that spec is megatron-core's local modules with megatron-core's own attention."""
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
-    rotary = spec.rotary_percent if spec.position == "rope" else 0.0
+    rotary = model_rotary_percent(spec.position, spec.rotary_percent)
     stack = megatron_mxn.get_mxn_hybrid_stack_spec(
         dim_slices=None if grid else 1, rotary_percent=rotary,
         qk_layernorm=spec.qk_norm is not None, normalization=spec.qk_norm,

@@ -46,6 +46,8 @@ def _train(spec: ModelSpec, n: int, m: int, config_extra: dict, model_extra: dic
     # each core attention's (softmax_scale, the softmax's own scale), by layer
     record["scales"] = [(c.softmax_scale, c.scale_mask_softmax.scale) for c in model.modules()
                         if isinstance(c, DotProductAttention)]
+    # the schedules `auto` chose (MxnDotProductAttention.decisions; empty for a named one)
+    record["chosen"] = sorted({d[3] for c in model.modules() for d in getattr(c, "decisions", ())})
     grads = full_layout(model, lambda p: p.main_grad)
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
     return record, grads, full
@@ -58,20 +60,26 @@ def variants_match_tp1(n: int, m: int, variants: List[dict]) -> List[Dict[str, f
     Config kwargs that are not TransformerConfig fields (yarn_*) are set as attributes. With
     "plain": {"spec", "config", "model"} (overrides of the variant's spec; the plain model's
     config/model kwargs), "vs_plain" is how far the variant's TP=1 logits are from that plain
-    TP=1 model's on the same weights (a variant that silently does nothing gives ~0); "scales"
+    TP=1 model's on the same weights (a variant that silently does nothing gives ~0), and
+    "vs_plain_all" the same in the measure of "err" (the worst of logits, loss and every
+    gradient the two models share); "scales"
     / "ref_scales": each core attention's (softmax_scale, scale_mask_softmax.scale) on the grid
-    / in the TP=1 model."""
+    / in the TP=1 model; "chosen": the schedules `auto` picked on the grid."""
     out = []
     for v in variants:
         spec = ModelSpec(**v.get("spec", {}))
         config, model = v.get("config", {}), v.get("model", {})
         ref, ref_grads, full = _train(spec, 1, 1, config, model)
-        vs_plain = None
+        vs_plain = vs_plain_all = None
         if "plain" in v:  # megatron's TP=1 model without the variant, on the variant's weights
             plain = v["plain"]
-            base, _, _ = _train(ModelSpec(**{**v.get("spec", {}), **plain.get("spec", {})}), 1,
-                                1, plain.get("config", {}), plain.get("model", {}), full)
+            base, base_grads, _ = _train(
+                ModelSpec(**{**v.get("spec", {}), **plain.get("spec", {})}), 1, 1,
+                plain.get("config", {}), plain.get("model", {}), full)
             vs_plain = max_rel_err(ref["logits"], base["logits"])
+            vs_plain_all = max([max_rel_err(base[k], ref[k]) for k in ("logits", "loss")] +
+                               [max_rel_err(base_grads[k], ref_grads[k])
+                                for k in ref_grads if k in base_grads])
         for schedule in v.get("schedules", ["auto"]):
             got, grads, _ = _train(spec, n, m, config, model, full, schedule)
             assert sorted(grads) == sorted(ref_grads), (sorted(grads), sorted(ref_grads))
@@ -81,7 +89,10 @@ def variants_match_tp1(n: int, m: int, variants: List[dict]) -> List[Dict[str, f
             worst = max(errs, key=errs.get)
             out.append({"name": v["name"], "schedule": schedule, "worst": worst,
                         "err": errs[worst], "logits": errs["logits"], "vs_plain": vs_plain,
-                        "scales": got["scales"], "ref_scales": ref["scales"]})
+                        "vs_plain_all": vs_plain_all,
+                        "grad_keys": sorted(grads),
+                        "scales": got["scales"], "ref_scales": ref["scales"],
+                        "chosen": got["chosen"]})
     return out
 
 
@@ -118,10 +129,16 @@ def decode_variants_match_tp1(n: int, m: int, variants: List[dict], steps: int =
                                    generator=torch.Generator().manual_seed(3))
             want, full = _generate(spec, 1, 1, False, config, None, tokens, steps,
                                    prompt_lengths=lengths)
+            # megatron's TP=1 model on the same weights without window and sinks
+            plain, _ = _generate(dataclasses.replace(spec, window_size=None,
+                                                     softmax_type="vanilla"),
+                                 1, 1, True, {}, full, tokens, steps, prompt_lengths=lengths)
             got, _ = _generate(spec, n, m, True, config, full, tokens, steps, **run)
             out.append({"name": v["name"], **run,
                         "tokens_equal": torch.equal(got.tokens, want.tokens),
                         "kv_cache_used": got.kv_cache,
+                        "changes_model": max(max_rel_err(a, b) for a, b in
+                                             zip(want.step_logits, plain.step_logits)),
                         "logits_err": max(max_rel_err(a, b) for a, b in
                                           zip(got.step_logits, want.step_logits))})
     return out
