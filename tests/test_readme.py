@@ -1,9 +1,11 @@
-"""The README's code blocks run: the Python example builds its model on 8 CPU ranks, and every
-shell example's flags are known to the parser of the command they are given to."""
+"""The README's and the docs pages' code blocks run: the Python example builds its model on 8 CPU
+ranks, and every shell example's flags are known to the parser of the command they are given to.
+The README stays short, and every relative link of the README and the docs pages resolves."""
 
 import argparse
 import re
 import shlex
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,16 +13,20 @@ import pytest
 from tests.cases.readme import run_python_example
 from tests.launch import REPO
 
-README = (REPO / "README.md").read_text()
+# The README and every docs page: the examples moved from the README into docs/ stay checked.
+PAGES = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+TEXTS = {page: page.read_text() for page in PAGES}
+README_MAX_LINES = 250
 
 
 def code_blocks(language: str):
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+    return [block for text in TEXTS.values()
+            for block in re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)]
 
 
 def commands():
-    """Each shell command of the README's bash blocks, continuation lines joined, comments
-    dropped."""
+    """Each shell command of the bash blocks of the README and the docs pages, continuation lines
+    joined, comments dropped."""
     for block in code_blocks("bash"):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
@@ -30,7 +36,7 @@ def commands():
 
 @pytest.mark.uses_pool
 def test_python_example_builds_the_grid_model(request):
-    (example,) = [b for b in code_blocks("python") if "initialize_mxn_parallel" in b]
+    (example,) = [b for b in code_blocks("python") if "initialize_mxn_parallel" in b]  # README
     pool = request.getfixturevalue("pool8")
     for r in pool.run(run_python_example, code=example):
         # 4 layers over PP 2; 12 heads / n = 2 head groups; d = 64 / m = 2 dims per slice
@@ -111,3 +117,47 @@ def test_no_merge_conflict_markers_in_tracked_files():
     marked = [f for f in files if Path(REPO, f).suffix in (".py", ".md", ".yaml", ".sh", ".txt")
               and re.search(r"^(<{7}|>{7}) ", Path(REPO, f).read_text(errors="replace"), re.M)]
     assert marked == []
+
+
+def test_readme_is_short():
+    """The README is the front page (what, install, two commands, one example, one table, the
+    test command, links); everything else lives in docs/ and results/."""
+    lines = len(TEXTS[REPO / "README.md"].splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines (at most {README_MAX_LINES})"
+
+
+def _prose(text: str) -> str:
+    """Markdown without fenced code blocks and inline code (whose brackets are not links)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`]*`", "", text)
+
+
+def _anchors(text: str) -> set:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens, -1, -2, ...
+    for repeats."""
+    seen, anchors = Counter(), set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", re.sub(r"^```.*?^```", "", text,
+                                                           flags=re.S | re.M), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if seen[slug] else slug)
+        seen[slug] += 1
+    return anchors
+
+
+def test_relative_links_resolve():
+    """Every relative link (and image) of the README and the docs pages names an existing file or
+    folder, and an anchor into a Markdown page names one of its headings."""
+    broken, checked = [], 0
+    for page, text in TEXTS.items():
+        for target in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", _prose(text)):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            checked += 1
+            if not file.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert broken == [], "\n".join(broken)
+    assert checked >= len(PAGES)  # the README links every docs page
