@@ -54,6 +54,7 @@ def _rank(ckpt_dir: str, steps: int):
 
     import megatron_mxn
     from megatron_mxn.analysis.accounting import CommCounter
+    from megatron_mxn.grid.groups import grid_groups_of
     from megatron_mxn.inference.generation import greedy_generate
 
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
@@ -68,7 +69,7 @@ def _rank(ckpt_dir: str, steps: int):
             model.load_state_dict(state, strict=False)
         labels = {"TP": pgs.tp}
         if grid:
-            labels.update(megatron_mxn.get_grid().labels())
+            labels.update(grid_groups_of(pgs).labels())
         with CommCounter(labels) as counter:
             counter.mark_inside(model.decoder.layers)
             gen = greedy_generate(model, prompt, steps + 1, pgs.tp,

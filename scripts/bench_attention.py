@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SCHEDULES = ("exact", "gather", "seq")
+from megatron_mxn.attention.schedules import AUTO, EXACT_SCHEDULES, get_schedule  # noqa: E402
+
+SCHEDULES = tuple(name for name in EXACT_SCHEDULES if name != AUTO)  # exact, gather, seq
 
 
 def parse_args(argv=None):
@@ -64,7 +66,7 @@ def layouts(world: int, spec: str = None):
 
 def score_bytes(args, n: int, m: int, schedule: str, s: int) -> float:
     """Per-rank fp32 scores the layout materialises (0 for the fused sequence-split core)."""
-    if m > 1 and schedule == "seq":
+    if m > 1 and not get_schedule(schedule).builds_scores:
         return 0.0
     return args.batch * args.heads // n * s * s * 4.0
 

@@ -58,7 +58,9 @@ if __name__ == "__main__":  # Megatron's checkpoint writer processes re-import t
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     kill_rank = int(_pop("--kill-rank"))
     kill_point, kill_iteration = _pop("--kill-at").split(":")
-    from megatron_mxn.megatron_lm.pretrain_gpt import main  # CPU mode first, then Megatron
+    from megatron_mxn.megatron_lm.entry import install
+    from megatron_mxn.megatron_lm.pretrain_gpt import main
 
+    install()  # CPU mode first, then Megatron
     install_fault(kill_rank, kill_point, int(kill_iteration))
     main()

@@ -5,7 +5,7 @@ then update its fingerprint."""
 import pytest
 
 from megatron_mxn.cpu import PATCHES
-from megatron_mxn.cpu.registry import resolve, source_fingerprint
+from megatron_mxn.patching import resolve, source_fingerprint
 
 
 @pytest.mark.parametrize("patch", PATCHES, ids=[p.target for p in PATCHES])

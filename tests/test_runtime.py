@@ -15,9 +15,11 @@ from tests.cases import runtime
     (2, 2, {"kv_cache": "positions", "kv_heads": 1}),  # n > g
     (2, 2, {"kv_cache": "positions", "qk_norm": "RMSNorm", "interleaved": True}),
     (2, 2, {"kv_cache": "positions", "rotary_percent": 0.5, "schedule": "exact"}),
-    # auto (the defaults): seq prefills; mixed prompt lengths and a chunked prefill (s_q < s_k)
+    # auto (the defaults): seq prefills; mixed prompt lengths and a chunked prefill (s_q < s_k);
+    # 33 new tokens after the longest prompt (8): the mean decode context (25) passes the
+    # crossover (21 positions) where the position-sharded cache sends fewer bytes
     (2, 2, {"schedule": "auto", "kv_cache": "auto", "prompt_lengths": [8, 5, 3],
-            "prefill_chunk": 2}),
+            "prefill_chunk": 2, "steps": 32}),
     (2, 2, {"schedule": "auto", "kv_cache": "dims", "prompt_lengths": [8, 5, 3],
             "prefill_chunk": 3}),
 ])
@@ -103,3 +105,40 @@ def test_grid_attention_sets_every_attribute_of_megatrons(pool4):
     """MxnSelfAttention mirrors SelfAttention.__init__ (which sizes heads by the TP size and so
     cannot run for the grid); this fails when megatron-core adds an attribute it would miss."""
     assert pool4.run(runtime.attention_attributes) == [[]] * 4
+
+
+def test_the_kv_cache_choice_is_kept_per_context_not_on_it():
+    """generate() records the request and workload of its context, the layers decide once
+    (schedules.decide_kv_cache) and the report reads it back; megatron's context object gets no
+    attribute, and the record goes with the context."""
+    import gc
+    from types import SimpleNamespace
+
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from megatron_mxn.attention import position_cache
+    from megatron_mxn.attention.schedules import ScoreShape
+
+    config = SimpleNamespace(mxn_attention="auto", mxn_kv_cache="auto")
+    shapes = []
+
+    def shape_of(batch):  # grid 2x2 of the test model, fp32 (the crossover: 21 positions)
+        shapes.append(batch)
+        return ScoreShape(batch, 4, 1, 1, 1, 8, 2, 4)
+
+    short, engine = StaticInferenceContext(3, 64), StaticInferenceContext(3, 64)
+    before = dict(vars(short))
+    position_cache.request_kv_cache(short, None, 1, 8, 17)  # mean decode context 17
+    assert position_cache.kv_cache_used(short) is None  # (no layer ran yet)
+    assert position_cache.kv_cache_of(short, config, shape_of).name == "dims"
+    assert position_cache.kv_cache_of(short, config, shape_of).name == "dims"  # decided once
+    assert shapes == [1] and position_cache.kv_cache_used(short) == "dims"
+    # a context nobody recorded (megatron's engine): decided at its whole length, 64
+    assert position_cache.kv_cache_of(engine, config, shape_of).name == "positions"
+    assert shapes == [1, 3] and vars(short) == before
+    runs = position_cache._RUNS._runs
+    assert id(short) in runs
+    key = id(short)
+    del short
+    gc.collect()
+    assert key not in runs and id(engine) in runs

@@ -3,7 +3,7 @@ sliced is the seed paper's per-slice model, checked against plain torch; auto's 
 
 import pytest
 
-from megatron_mxn.attention.schedules import ScoreShape, choose, schedule_bytes
+from megatron_mxn.attention.schedules import ScoreShape, decide_schedule, get_schedule
 from tests.cases.equivalence import compare_with_tp1
 from tests.cases.schedules import (auto_choices, fused_dropout_is_consistent,
                                   sliced_matches_plain_torch)
@@ -54,17 +54,17 @@ def test_auto_picks_seq_for_prefill_and_exact_for_decode(pool4):
     # rank), fp32: a prefill of 64 fills the 2m = 8 chunks of the sequence-split core, which
     # also sends 8x fewer bytes than reducing the scores (gather: 6.4x fewer).
     shape = ScoreShape(1, 8, 2, 64, 64, 4, 4, 4)
-    assert (schedule_bytes("exact", shape), schedule_bytes("gather", shape),
-            schedule_bytes("seq", shape)) == (196608, 30720, 24576)
-    assert choose("auto", shape) == "seq"
+    assert tuple(get_schedule(name).call_bytes(shape) for name in ("exact", "gather", "seq")) \
+        == (196608, 30720, 24576)
+    assert decide_schedule("auto", shape).name == "seq"
     # fewer queries than chunks (a short prefill after a long cache): the cheaper score schedule
-    assert choose("auto", ScoreShape(1, 8, 2, 7, 1000, 4, 4, 4)) == "gather"
+    assert decide_schedule("auto", ScoreShape(1, 8, 2, 7, 1000, 4, 4, 4)).name == "gather"
     decode = ScoreShape(1, 8, 2, 1, 65, 4, 4, 4)
-    assert choose("auto", decode) == "exact"
+    assert decide_schedule("auto", decode).name == "exact"
     results = pool4.run(auto_choices, n=1, m=4, prefill=64)
     for decisions, _ in results:
         assert decisions == [("prefill", 64, 64, "seq"), ("decode", 1, 65, "exact")]
-    log = results[0][1]  # rank 0 logs each change of choice, once per model (layer 1)
+    log = results[0][1]  # rank 0 logs each new choice, once per model (layer 1), at INFO
     assert log.splitlines() == [
         "[mxn] auto attention, prefill (sq=64, sk=64): seq (per layer and rank it sends: "
         "exact 196608 B, gather 30720 B, seq 24576 B)",

@@ -17,11 +17,14 @@ from megatron_mxn.analysis.accounting import CommRecord
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
 from megatron_mxn.megatron_lm.run_configs import flag_keys
 from megatron_mxn.attention.schedules import (
+    AUTO,
+    DIMS,
     KV_CACHES,
+    KVCache,
     ScoreShape,
-    cached_call_collectives,
-    choose_kv_cache,
-    decode_context,
+    decide_kv_cache,
+    decide_schedule,
+    get_kv_cache,
 )
 
 
@@ -110,7 +113,7 @@ class Layout:
         pp = f" PP={self.pp}" if self.pp > 1 else ""
         dp = f" DP={self.dp}" if self.dp > 1 else ""
         if self.dim_slices > 1:  # (the cache's suffix as generate.layout_name's)
-            cache = {"positions": " KV-by-position", "auto": " KV-auto"}.get(self.kv_cache, "")
+            cache = " KV-auto" if self.kv_cache == AUTO else get_kv_cache(self.kv_cache).label
             return f"grid {self.head_groups}x{self.dim_slices}{pp}{dp} {self.schedule}{cache}"
         return f"TP={self.tp}{pp}{dp}"
 
@@ -168,21 +171,22 @@ def score_shape(model: ModelShape, layout: Layout, mb: int, sq: int, sk: int) ->
 
 def resolve_kv_cache(model: ModelShape, layout: Layout, mb: int, prompt: int,
                      new_tokens: int) -> Layout:
-    """The layout with the KV cache a generation of `new_tokens` after `prompt` runs: `auto`
-    resolved as megatron_mxn.inference.generate does (the cheaper decode step at the mean
-    context length), so that predictions follow the run."""
-    if layout.kv_cache != "auto":
+    """The layout with the KV cache a generation of `new_tokens` after `prompt` runs, in
+    micro-batches of `mb` sequences: `auto` decided by schedules.decide_kv_cache, as the
+    generation decides it, so that predictions follow the run."""
+    if layout.kv_cache != AUTO:
         return layout
-    shape = score_shape(model, layout, mb, 1, decode_context(prompt, new_tokens))
-    return replace(layout, kv_cache=choose_kv_cache("auto", layout.schedule, shape))
+    cache = decide_kv_cache(AUTO, layout.schedule, score_shape(model, layout, mb, 1, 1), prompt,
+                            new_tokens)
+    return replace(layout, kv_cache=cache.name)
 
 
-def _kv_cache(layout: Layout) -> str:
+def _kv_cache(layout: Layout) -> KVCache:
     """The layout's resolved KV cache; `auto` depends on the workload, so it is refused."""
-    if layout.kv_cache == "auto":
+    if layout.kv_cache == AUTO:
         raise MxnConfigError(f"{layout.name}: kv_cache 'auto' depends on the workload; resolve "
                              "it with cost_model.resolve_kv_cache first")
-    return layout.kv_cache
+    return get_kv_cache(layout.kv_cache)
 
 
 def _record(op: str, group: str, size: int, payload: int, inside: bool = True) -> CommRecord:
@@ -209,7 +213,8 @@ def layer_collectives(model: ModelShape, layout: Layout, mb: int, sq: int, sk: i
             out[_record("all_reduce", "dim-slice", m,
                         sq * mb * kv_heads_per_rank(model, layout) * 4)] += per
         shape = score_shape(model, layout, mb, sq, sk)
-        for op, payload in cached_call_collectives(layout.schedule, _kv_cache(layout), shape):
+        schedule = decide_schedule(layout.schedule, shape)
+        for op, payload in _kv_cache(layout).collectives(schedule, shape):
             out[_record(op, "dim-slice", m, payload)] += 1
     if tp > 1:
         out[_record("all_reduce", "TP", tp, sq * mb * hidden * e)] += 1  # attention output
@@ -285,9 +290,7 @@ def kv_cache_bytes(model: ModelShape, layout: Layout, batch: int, context: int) 
     for `context` positions of `batch` sequences; on the grid its d/m dims of each position
     (dims cache) or all d dims of its ceil(context/m) positions (positions cache)."""
     m = layout.dim_slices
-    positions, dims = context, model.head_dim // m
-    if m > 1 and _kv_cache(layout) == "positions":
-        positions, dims = -(-context // m), model.head_dim
+    positions, dims = (_kv_cache(layout) if m > 1 else DIMS).held(context, model.head_dim, m)
     return (2 * batch * positions * kv_heads_per_rank(model, layout) * dims * model.elem_bytes
             * (model.layers // layout.pp))
 

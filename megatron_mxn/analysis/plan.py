@@ -40,7 +40,15 @@ from megatron_mxn.analysis.cost_model import (
     weight_bytes,
 )
 from megatron_mxn.grid.layout import MxnConfigError
-from megatron_mxn.attention.schedules import choose, score_memory_bytes
+from megatron_mxn.attention.schedules import (
+    AUTO,
+    DIMS,
+    EXACT,
+    EXACT_SCHEDULES,
+    KV_CACHES,
+    decide_call,
+    decide_schedule,
+)
 
 
 @dataclass(frozen=True)
@@ -103,12 +111,13 @@ def divisors(x: int) -> List[int]:
     return [d for d in range(1, x + 1) if x % d == 0]
 
 
-GRID_SCHEDULES = ("exact", "gather", "seq", "auto")  # the planner's choices for a grid
-GRID_KV_CACHES = ("dims", "positions", "auto")  # ... and for a grid's inference
+GRID_SCHEDULES = EXACT_SCHEDULES  # the planner's choices for a grid: exact, gather, seq, auto
+CACHES = tuple(kv for kv in KV_CACHES if kv != AUTO)  # the built-in KV caches: dims, positions
+GRID_KV_CACHES = CACHES + (AUTO,)  # ... and for a grid's inference
 
 
 def candidate_layouts(model: ModelShape, gpus: int,
-                      kv_caches: Sequence[str] = ("dims",)) -> List[Layout]:
+                      kv_caches: Sequence[str] = (DIMS.name,)) -> List[Layout]:
     """Every TP x PP x DP and grid n x m x PP x DP (each schedule and KV cache of
     `kv_caches`) the rules allow."""
     out = []
@@ -120,7 +129,7 @@ def candidate_layouts(model: ModelShape, gpus: int,
             expert = _expert_layout(model, tp * dp)
             for m in divisors(tp):
                 grid = [(sc, kv) for sc in GRID_SCHEDULES for kv in kv_caches]
-                for schedule, kv in ([("exact", "dims")] if m == 1 else grid):
+                for schedule, kv in ([(EXACT.name, DIMS.name)] if m == 1 else grid):
                     layout = Layout(tp=tp, pp=pp, dp=dp, dim_slices=m, schedule=schedule,
                                     kv_cache=kv, **expert)
                     try:
@@ -176,36 +185,31 @@ def layer_time(model: ModelShape, layout: Layout, cluster: Cluster, mb: int, sq:
     positions cache's calls after a prefill read 1/m of the positions with all d dims: the
     same FLOPs and KV bytes as the dims cache's d/m dims of all, 1/m of the scores."""
     m, e = layout.dim_slices, model.elem_bytes
-    heads, kvh = heads_per_rank(model, layout), kv_heads_per_rank(model, layout)
+    kvh = kv_heads_per_rank(model, layout)
     d_local = model.head_dim // m
-    schedule = "exact"
-    if m > 1:
-        schedule = choose(layout.schedule, score_shape(model, layout, mb, sq, sk))
-        if layout.kv_cache == "positions" and not sq == sk > 1:
-            schedule = "positions"
-    d_scores = model.head_dim if schedule == "gather" else d_local  # (seq: all d, 1/m of sq)
+    shape = score_shape(model, layout, mb, sq, sk)
+    # the schedule, or the position-sharded cache, that runs the call (m = 1: megatron's own
+    # attention, which computes the scores as `exact` does)
+    runner = decide_call(layout.schedule, layout.kv_cache, shape) if m > 1 else EXACT
     layer_w = layer_weight_bytes(model, layout)
     active = layer_w
     if model.experts:  # only topk of the experts work per token
         active = layer_w * min(1.0, model.topk / model.experts * layout.ep)
-    flops = 2 * mb * sq * active / e + 2 * mb * heads * sq * sk * (d_scores + d_local)
-    scores = 0 if schedule == "seq" else 2 * mb * heads * sq * sk * 4  # (fused: on chip)
-    if schedule == "positions":
-        scores //= m
-    hbm = active + 2 * mb * sk * kvh * d_local * e + scores
+    flops = 2 * mb * sq * active / e + runner.flops(shape)
+    hbm = active + 2 * mb * sk * kvh * d_local * e + runner.score_bytes(shape)
     compute = max(flops / (cluster.flops * cluster.efficiency),
                   hbm / (cluster.hbm_bw * cluster.efficiency)) + cluster.layer_overhead
     records = dict(layer_collectives(model, layout, mb, sq, sk))
     records.update(_moe_collectives(model, layout, mb * sq))
     comm = comm_time(records, layout, cluster)
-    return {"compute_s": compute, **comm, "schedule": schedule}
+    return {"compute_s": compute, **comm, "schedule": runner.name, "runner": runner}
 
 
 def _core_memory(model: ModelShape, layout: Layout, mb: int, sq: int, sk: int) -> int:
-    """Activations of one attention core call per rank (attention.schedules)."""
+    """Activations of one attention core call per rank (Schedule.memory_bytes)."""
     shape = score_shape(model, layout, mb, sq, sk)
-    schedule = choose(layout.schedule, shape) if layout.dim_slices > 1 else "exact"
-    return score_memory_bytes(schedule, shape)
+    schedule = decide_schedule(layout.schedule, shape) if layout.dim_slices > 1 else EXACT
+    return schedule.memory_bytes(shape)
 
 
 def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload) -> dict:
@@ -255,13 +259,13 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
         total = row["ttft_s"] + (work.new_tokens - 1) * row["tpot_s"]
         row["tokens_per_s"] = work.batch * work.new_tokens / total
         d = phases["decode"]
-        picks = [f"{phases['prefill']['schedule']}/{d['schedule']}"] * (layout.schedule == "auto")
-        picks += [f"KV {layout.kv_cache}"] * (row["kv_cache_requested"] == "auto")
+        picks = [f"{phases['prefill']['schedule']}/{d['schedule']}"] * (layout.schedule == AUTO)
+        picks += [f"KV {layout.kv_cache}"] * (row["kv_cache_requested"] == AUTO)
         row.update(intra_B=d["intra_B"], inter_B=d["inter_B"], comm_s=d["step_comm_s"],
                    compute_s=d["step_compute_s"], slots=d["slots"],
                    picks=", ".join(picks) or "-")
     else:
-        layout = replace(layout, kv_cache="dims")  # (training keeps no KV cache)
+        layout = replace(layout, kv_cache=DIMS.name)  # (training keeps no KV cache)
         micro_batches = max(work.batch // (work.micro_batch * layout.dp), 1)
         t = layer_time(model, layout, cluster, work.micro_batch, work.seq, work.seq)
         params = weights / model.elem_bytes
@@ -271,7 +275,7 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
         # grid's fp32 scores of h/n heads (the sequence-split core: its O(s) buffers instead)
         tokens = work.micro_batch * work.seq
         scores = (4 + model.elem_bytes + 1) * heads * work.seq * tokens
-        if t["schedule"] == "seq":
+        if not t["runner"].builds_scores:  # (a fused schedule: its own buffers)
             scores = _core_memory(model, layout, work.micro_batch, work.seq, work.seq)
         row["act_B"] = layers * (tokens * 34 * model.hidden // layout.tp + scores)
         row["opt_B"] = params * 16  # fp32 grads, master weights and two Adam moments
@@ -286,7 +290,7 @@ def predict(model: ModelShape, layout: Layout, cluster: Cluster, work: Workload)
         row.update(intra_B=2 * t["intra_B"], inter_B=2 * t["inter_B"], slots=slots,
                    comm_s=slots * layers * 2 * (t["intra_s"] + t["inter_s"]) + dp["intra_s"]
                    + dp["inter_s"], compute_s=slots * layers * 3 * t["compute_s"],
-                   picks=t["schedule"] if layout.schedule == "auto" else "-")
+                   picks=t["schedule"] if layout.schedule == AUTO else "-")
     row["memory_B"] = row["weights_B"] + row["kv_B"] + row["act_B"] + row.get("opt_B", 0)
     row["fits"] = row["memory_B"] <= 0.9 * cluster.hbm_bytes
     return row
@@ -317,9 +321,9 @@ def config_layouts(cfg: dict, gpus: int) -> Dict[str, List[Layout]]:
             f.get("mxn-head-groups") or 1) * m
         pp = int(f.get("pipeline-model-parallel-size") or 1)
         schedules = [f["mxn-attention"]] if "mxn-attention" in f else (
-            list(GRID_SCHEDULES) if m > 1 else ["exact"])
+            list(GRID_SCHEDULES) if m > 1 else [EXACT.name])
         out[name] = [Layout(tp=tp, pp=pp, dp=max(gpus // (tp * pp), 1), dim_slices=m,
-                            schedule=sc, kv_cache=str(f.get("mxn-kv-cache", "auto")))
+                            schedule=sc, kv_cache=str(f.get("mxn-kv-cache", AUTO)))
                      for sc in schedules]
     return out
 
@@ -330,10 +334,10 @@ def plan(model: ModelShape, cluster: Cluster, work: Workload,
     when they do not fit)."""
     infer = work.kind == "infer"
     rows = [predict(model, layout, cluster, work) for layout in candidate_layouts(
-        model, cluster.gpus, GRID_KV_CACHES if infer else ("dims",))]
+        model, cluster.gpus, GRID_KV_CACHES if infer else (DIMS.name,))]
     for name, layouts in (named or {}).items():
         for layout in layouts:
-            layout = layout if infer else replace(layout, kv_cache="dims")
+            layout = layout if infer else replace(layout, kv_cache=DIMS.name)
             hit = [r for r in rows if r["layout"] == layout.name]
             if not hit:
                 check_layout(model, layout)
@@ -437,11 +441,11 @@ def sweep_layouts(model: ModelShape, cfg: dict, gpus: int,
         for nm in grids.split(","):
             n, m = _ints(nm.replace("x", ","))
             chosen.append(Layout(tp=n * m, dp=max(gpus // (n * m), 1), dim_slices=m,
-                                 schedule="auto"))
+                                 schedule=AUTO))
     else:
         named = [x for xs in config_layouts(cfg, gpus).values() for x in xs if x.dim_slices > 1]
-        chosen = [x for x in named if x.schedule == "auto"] or named[:1]
-    out += [replace(x, kv_cache=kv) for x in chosen for kv in ("dims", "positions")]
+        chosen = [x for x in named if x.schedule == AUTO] or named[:1]
+    out += [replace(x, kv_cache=kv) for x in chosen for kv in CACHES]
     unique = {x.name: x for x in out}
     for layout in unique.values():
         check_layout(model, layout)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_mxn.attention.schedules import kv_cache_names, schedule_names
 from megatron_mxn.grid.layout import MxnConfigError
 
 
@@ -27,24 +28,24 @@ class MxnTransformerConfig(TransformerConfig):
     """How the grid computes attention (megatron_mxn.attention.schedules): auto (the default;
     per call: seq for training and prefill, the cheaper score schedule for decode), exact
     (partial-score all-reduce), gather (all-gather of the Q/K slices), seq (the sequence-split
-    core: fused kernel, O(s) memory), or sliced (the seed paper's per-slice softmax: a different model)."""
+    core: fused kernel, O(s) memory), sliced (the seed paper's per-slice softmax: a different
+    model), or one registered with schedules.register_schedule (docs/extending.md)."""
 
     mxn_kv_cache: str = "auto"
-    """The grid's KV cache in inference (megatron_mxn.attention.schedules.KV_CACHES): dims
+    """The grid's KV cache in inference (megatron_mxn.attention.schedules.kv_cache_names()): dims
     (each rank keeps d/m dims of every position; decode all-reduces scores over s_k), positions
     (each rank keeps all dims of every m-th position; decode traffic independent of s_k), or
-    auto (whichever sends fewer bytes per decode step at the context's length)."""
+    auto (whichever sends fewer bytes per decode step at the run's mean context length:
+    schedules.decide_kv_cache)."""
 
     def __post_init__(self):
-        from megatron_mxn.attention.schedules import KV_CACHES, SCHEDULES
-
-        if self.mxn_kv_cache not in KV_CACHES:
-            raise MxnConfigError(f"mxn_kv_cache must be one of {KV_CACHES}, got "
+        if self.mxn_kv_cache not in kv_cache_names():  # (the registered ones)
+            raise MxnConfigError(f"mxn_kv_cache must be one of {kv_cache_names()}, got "
                                  f"{self.mxn_kv_cache!r}")
 
         m, tp = self.mxn_dim_slices, self.tensor_model_parallel_size
-        if self.mxn_attention not in SCHEDULES:
-            raise MxnConfigError(f"mxn_attention must be one of {SCHEDULES}, got "
+        if self.mxn_attention not in schedule_names():
+            raise MxnConfigError(f"mxn_attention must be one of {schedule_names()}, got "
                                  f"{self.mxn_attention!r}")
         if not isinstance(m, int) or m < 1 or tp % m:
             raise MxnConfigError(

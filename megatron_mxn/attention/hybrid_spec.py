@@ -17,6 +17,8 @@ from typing import Optional
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.hybrid.hybrid_block import HybridStack
 
+from megatron_mxn.attention import hooks
+from megatron_mxn.attention.spec import get_mxn_layer_spec
 from megatron_mxn.grid.layout import MxnConfigError
 
 MAMBA = "M"
@@ -33,9 +35,7 @@ def check_hybrid_pattern(pattern: Optional[str]) -> None:
         return
     import torch
 
-    import megatron_mxn.cpu
-
-    if megatron_mxn.cpu.is_enabled() or not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # (CPU mode runs only where CUDA is not available)
         raise MxnConfigError(
             f"hybrid layer pattern {pattern!r} has Mamba layers ('M'), which cannot run on CPU: "
             "megatron's MambaMixer needs the CUDA kernels of mamba_ssm and causal_conv1d; use a "
@@ -75,6 +75,7 @@ def get_mxn_hybrid_stack_spec(dim_slices: Optional[int] = None, rotary_percent: 
     (`use_te=False`, runs on CPU) or Transformer Engine's as in the stock hybrid_stack_spec
     (`use_te=True`, needs TE). The MoE layer's expert count comes from the model config, as in
     the stock spec. `hybrid_layer_pattern`, when given, is checked (check_hybrid_pattern).
+    Installs the grid attention's hooks (megatron_mxn.attention.hooks.install).
     """
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
@@ -82,8 +83,7 @@ def get_mxn_hybrid_stack_spec(dim_slices: Optional[int] = None, rotary_percent: 
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import MoETransformerLayer
 
-    from megatron_mxn.attention.spec import get_mxn_layer_spec
-
+    hooks.install()
     check_hybrid_pattern(hybrid_layer_pattern)
     if use_te:
         if importlib.util.find_spec("transformer_engine") is None:

@@ -15,13 +15,19 @@ j of a dim-slice group keeps the full-d, rotated K and V of the positions p with
    dims, which leaves rank j with dims j of O: the layout linear_proj expects.
 
 Bytes per layer and step: O(b*(h/n + 2g')*d), independent of s_k. A prefill into an empty cache
-runs the layer's training schedule (the sequence-split core hands over the K/V it gathered);
-a later prefill chunk (s_q < s_k) takes the steps above with a causal mask over positions.
+runs the layer's training schedule (core.prefill returns the K/V with all dims: the ones the
+sequence-split core gathered, else one more all-gather); a later prefill chunk (s_q < s_k)
+takes the steps above with a causal mask over positions.
+
+Which cache a static inference context uses (this one or megatron's dim-sliced one) is kept
+here, per context (kv_cache_of), not on megatron's context object.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +35,8 @@ from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tens
 
 from megatron_mxn.attention import kernels
 from megatron_mxn.attention.mask import MaskSpec
-from megatron_mxn.attention.schedules import choose_kv_cache
+from megatron_mxn.attention.schedules import AUTO, KVCache, ScoreShape, decide_kv_cache
+
 
 def owned_positions(length: int, dim_slices: int, rank: int) -> int:
     """How many of the positions 0 .. length-1 rank `rank` owns (p % m == rank)."""
@@ -110,15 +117,70 @@ def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: to
     return out.to(query.dtype).reshape(sq, b, hq * dl)
 
 
-def kv_cache_of(context, config, decode_shape) -> str:
-    """The KV cache layout of a static inference context: its `mxn_kv_cache` (generate() sets
-    it), else the config's (default auto, resolved once by schedules.choose_kv_cache for the
-    decode call `decode_shape()` and remembered on the context, so that every layer uses the
-    same)."""
-    chosen = getattr(context, "mxn_kv_cache", None)
-    if chosen in (None, "auto"):
-        chosen = choose_kv_cache(chosen or getattr(config, "mxn_kv_cache", "auto"),
-                                 getattr(config, "mxn_attention", "auto"), decode_shape())
-        context.mxn_kv_cache = chosen
-    return chosen
+# ---------------------------------------------------------------- the KV cache of a context
+@dataclass
+class KVCacheRun:
+    """The grid's KV cache of one static inference context: what was asked for and for which
+    workload (generate() records them), and what its layers use (decided at their first call,
+    then the same for every layer and step)."""
 
+    requested: Optional[str] = None  # dims | positions | auto; None: the config's mxn_kv_cache
+    batch: Optional[int] = None  # sequences per forward call (None: the context's maximum)
+    prompt: Optional[int] = None  # the longest prompt (None: the context's whole length)
+    new_tokens: int = 0
+    chosen: Optional[KVCache] = None
+
+
+class _PerContext:
+    """{context: KVCacheRun} that neither keeps a context alive nor stores anything on it
+    (megatron's StaticInferenceContext defines __eq__ and is unhashable: keyed by its id, the
+    entry leaves with the context)."""
+
+    def __init__(self):
+        self._runs = {}
+
+    def get(self, context) -> Optional[KVCacheRun]:
+        entry = self._runs.get(id(context))
+        return entry[1] if entry is not None and entry[0]() is context else None
+
+    def set(self, context, run: KVCacheRun) -> KVCacheRun:
+        key = id(context)
+
+        def forget(ref, key=key):
+            if self._runs.get(key, (None,))[0] is ref:
+                del self._runs[key]
+
+        self._runs[key] = (weakref.ref(context, forget), run)
+        return run
+
+
+_RUNS = _PerContext()
+
+
+def request_kv_cache(context, kv_cache: Optional[str], batch: int, prompt: int,
+                     new_tokens: int) -> None:
+    """generate(): the KV cache asked for (None: the config's) and the run's workload
+    (sequences per forward call, longest prompt, new tokens) of a new context."""
+    _RUNS.set(context, KVCacheRun(kv_cache, batch, prompt, new_tokens))
+
+
+def kv_cache_of(context, config, shape_of: Callable[[int], ScoreShape]) -> KVCache:
+    """The KV cache of a static inference context, decided once (schedules.decide_kv_cache)
+    for its recorded request and workload; a context nobody recorded (a megatron engine's) takes
+    the config's mxn_kv_cache (default auto) for its whole length. shape_of(batch): the layer's
+    ScoreShape of a call of `batch` sequences."""
+    run = _RUNS.get(context) or _RUNS.set(context, KVCacheRun())
+    if run.chosen is None:
+        run.chosen = decide_kv_cache(
+            run.requested or getattr(config, "mxn_kv_cache", AUTO),
+            getattr(config, "mxn_attention", AUTO),
+            shape_of(run.batch or context.max_batch_size),
+            context.max_sequence_length if run.prompt is None else run.prompt, run.new_tokens)
+    return run.chosen
+
+
+def kv_cache_used(context) -> Optional[str]:
+    """The name of the KV cache the grid layers used in `context` (None: no grid layer with
+    m > 1 ran in it)."""
+    run = _RUNS.get(context)
+    return run.chosen.name if run is not None and run.chosen is not None else None

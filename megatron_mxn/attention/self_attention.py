@@ -32,11 +32,35 @@ from megatron_mxn.attention.position_cache import (
     kv_cache_of,
     position_sharded_attention,
 )
-from megatron_mxn.attention.schedules import ScoreShape
+from megatron_mxn.attention.schedules import POSITIONS, ScoreShape
 from megatron_mxn.attention.sharding import grid_sharded_factory
-from megatron_mxn.cpu import install_grid_guards
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
 from megatron_mxn.grid.groups import MxnProcessGroupCollection, grid_groups_of
+from megatron_mxn.patching import override
+
+# The megatron-core code MxnSelfAttention copies or overrides: a change there fails
+# tests/test_patches.py until the copy below is reviewed and the fingerprint updated.
+CORE = "megatron-core 0.19.x"
+ATTENTION = "megatron.core.transformer.attention."
+override(ATTENTION + "Attention.__init__", CORE,
+         "MxnSelfAttention.__init__ copies it (with SelfAttention.__init__): it cannot run, since "
+         "it sizes heads by the TP size n*m; every attribute it sets is set from the grid "
+         "layout (tests/test_runtime.py checks none is missing)", "07d276e01ea1")
+override(ATTENTION + "SelfAttention.__init__", CORE,
+         "MxnSelfAttention.__init__ copies it: linear_qkv, linear_proj and the q/k norms built "
+         "with the grid's sizes (the norms over dim slices)", "ab5b20ee8c0c")
+override(ATTENTION + "SelfAttention.get_query_key_value_tensors", CORE,
+         "overridden: the fused QKV output split per grid rank (h/n query heads, the KV heads "
+         "of head group i, d/m dims each; the KV-share all-gather when n > g)", "0628792a7b6b")
+override(ATTENTION + "Attention._adjust_key_value_for_inference", CORE,
+         "overridden (calls it): a prefill chunk after a cache stays causal, where megatron's "
+         "static path drops the mask after the prompt", "422e1996100e")
+override(ATTENTION + "Attention.forward", CORE,
+         "MxnSelfAttention.forward calls it with the rotary frequencies cut to the dim slice, "
+         "and its position-sharded KV-cache path (_forward_position_cache) follows its "
+         "inference steps (QKV, RoPE at the offset, core attention, linear_proj)",
+         "f7a47792b619")
+
 
 class MxnSelfAttention(SelfAttention):
     """Exact multi-head (MHA/GQA/MQA) self-attention spread over n head groups x m dim slices.
@@ -170,18 +194,24 @@ class MxnSelfAttention(SelfAttention):
                                  "context (KV cache), not dynamic batching")
         if packed_seq_params is not None:
             raise MxnConfigError("the grid attention does not support packed sequences (THD)")
-        if inference_context is not None and self.mxn_grid.dim_slices > 1 and \
-                kv_cache_of(inference_context, self.config, lambda: self._decode_shape(
-                    inference_context, hidden_states)) == "positions":
-            return self._forward_position_cache(hidden_states, attention_mask,
-                                                inference_context, rotary_pos_emb)
-        return super().forward(
-            hidden_states, attention_mask, key_value_states=key_value_states,
-            inference_context=inference_context,
-            rotary_pos_emb=self._slice_rotary(rotary_pos_emb),
-            rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
-            rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
-            packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset)
+        rest = dict(key_value_states=key_value_states, rotary_pos_emb=rotary_pos_emb,
+                    rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                    rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
+                    packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset)
+        if inference_context is not None and self.mxn_grid.dim_slices > 1:
+            # the run's KV cache (schedules.decide_kv_cache, once per context) runs the call
+            cache = kv_cache_of(inference_context, self.config,
+                                lambda batch: self._decode_shape(batch, hidden_states))
+            return cache.forward(self, hidden_states, attention_mask, inference_context, **rest)
+        return self.megatron_forward(hidden_states, attention_mask,
+                                     inference_context=inference_context, **rest)
+
+    def megatron_forward(self, hidden_states, attention_mask, *, rotary_pos_emb=None,
+                         **kwargs):
+        """megatron's attention forward (and its KV cache: the dims cache), with the rotary
+        frequencies cut to this dim slice."""
+        return super().forward(hidden_states, attention_mask,
+                               rotary_pos_emb=self._slice_rotary(rotary_pos_emb), **kwargs)
 
     def _adjust_key_value_for_inference(self, inference_context, query, key, value,
                                         *args, **kwargs):
@@ -213,35 +243,23 @@ class MxnSelfAttention(SelfAttention):
         cache = self._position_cache(context, key)
         batch = slice(context.batch_size_offset, context.batch_size_offset + query.size(1))
         core = self.core_attention
-        if start == 0 and sq > 1:  # prefill: the layer's schedule; keep the gathered K/V
-            filled = []
-
-            def fill(k, v):  # the sequence-split core's all-gathered K/V
-                cache.store(k, v, 0, batch)
-                filled.append(True)
-
-            core.on_gathered_kv = fill
-            try:
-                out = apply_module(core)(query, key, value, attention_mask,
-                                         attn_mask_type=self.attn_mask_type)
-            finally:
-                core.on_gathered_kv = None
-            if not filled:  # a score schedule ran: gather the K/V dims for the cache
-                fill(*(all_gather_last_dim_from_tensor_parallel_region(
-                    t.contiguous(), group=self.mxn_grid.dim_slice_group) for t in (key, value)))
+        if POSITIONS.prefills(sq, start + sq):  # the layer's schedule, with all dims of K/V
+            out, (k, v) = core.prefill(query, key, value, attention_mask,
+                                       attn_mask_type=self.attn_mask_type)
+            cache.store(k, v, 0, batch)
         else:
             out = position_sharded_attention(
                 query, key, value, cache, start, batch, self.mxn_grid.dim_slice_group,
-                scale=core.softmax_scale * (core.scale_mask_softmax.scale or 1.0),
+                scale=core.kernel_scale,
                 mask=core.mask_of(attention_mask, self.attn_mask_type, sq, start + sq),
                 sink=core.softmax_offset)
         return apply_module(self.linear_proj)(out)
 
-    def _decode_shape(self, context, hidden_states) -> ScoreShape:
-        """One decode call against the context's longest sequence (the KV-cache choice)."""
+    def _decode_shape(self, batch: int, hidden_states) -> ScoreShape:
+        """A decode call of `batch` sequences on this rank (the KV-cache choice sets its
+        context length)."""
         layout = self.mxn_layout
-        return ScoreShape(context.max_batch_size, layout.heads_per_rank,
-                          layout.kv_heads_per_rank, 1, context.max_sequence_length,
+        return ScoreShape(batch, layout.heads_per_rank, layout.kv_heads_per_rank, 1, 1,
                           layout.slice_dim, layout.dim_slices, hidden_states.element_size())
 
     def _position_cache(self, context, key) -> PositionShardedCache:
@@ -308,11 +326,11 @@ def model_rotary_percent(position_embedding_type, rotary_percent: float) -> floa
 
 
 def _check_rotary_of_model(model, name, submodule):
-    """Global module-registration hook: when a language model (GPTModel and its kin, which
-    build their rotary embedding before the decoder) attaches its decoder, every grid
-    attention layer inside must have been built for the model's RoPE. The dims a slice holds
-    depend on it, so a mismatch would load checkpoints into the wrong rows: it is refused
-    here, before any weight is loaded or saved."""
+    """Global module-registration hook (installed by megatron_mxn.attention.hooks.install):
+    when a language model (GPTModel and its kin, which build their rotary embedding before the
+    decoder) attaches its decoder, every grid attention layer inside must have been built for
+    the model's RoPE. The dims a slice holds depend on it, so a mismatch would load checkpoints
+    into the wrong rows: it is refused here, before any weight is loaded or saved."""
     if name != "decoder" or not hasattr(model, "rotary_percent") or submodule is None:
         return None
     percent = model_rotary_percent(getattr(model, "position_embedding_type", None),
@@ -329,10 +347,6 @@ def _check_rotary_of_model(model, name, submodule):
                     f"{model.rotary_percent}) rotates {want}: pass the model's rotary_percent "
                     "(0 without RoPE, 1 with YaRN) to get_mxn_layer_spec")
     return None
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_check_rotary_of_model)
-install_grid_guards()  # megatron-core's dynamic inference engines refuse grid models
 
 
 def _check_supported(config: TransformerConfig, pg_collection, grid) -> None:

@@ -39,11 +39,11 @@ def owned_chunks(rank: int, dim_slices: int):
 def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         group: dist.ProcessGroup, *, scale: float, mask: MaskSpec,
                         dropout_p: float = 0.0, sink: Optional[torch.Tensor] = None,
-                        backend: str = "auto", on_gathered_kv=None) -> torch.Tensor:
+                        backend: str = "auto", return_kv: bool = False):
     """query [sq, b, hq, d/m], key/value [sk, b, hk, d/m] (this rank's dims) -> the attention
     output [sq, b, hq, d/m] (this rank's dims). mask: of the sq rows against the sk keys
     (mask.py; each chunk takes its rows, the kernel cuts the keys to the chunk's band). sink:
-    [hq] attention-sink logits. on_gathered_kv(k, v): receives the all-gathered K/V
+    [hq] attention-sink logits. return_kv: return (output, (k, v)) with the all-gathered K/V
     [sk, b, hk, d] (a prefill fills the position-sharded KV cache from them)."""
     m, j = dist.get_world_size(group), dist.get_rank(group)
     sq, b, hq, dl = query.shape
@@ -59,8 +59,7 @@ def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     q = q.view(m, counts[j], b, hq, dl).permute(1, 2, 3, 0, 4).reshape(counts[j], b, hq, m * dl)
     k = all_gather_last_dim_from_tensor_parallel_region(key.contiguous(), group=group)
     v = all_gather_last_dim_from_tensor_parallel_region(value.contiguous(), group=group)
-    if on_gathered_kv is not None:
-        on_gathered_kv(k, v)
+    gathered = k, v
     k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, hk, sk, d]
 
     outs, start = [], 0
@@ -76,4 +75,5 @@ def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     out = all_to_all_rows(out, group, [counts[j]] * m, counts)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(sq, device=order.device)
-    return out.index_select(0, inverse)
+    out = out.index_select(0, inverse)
+    return (out, gathered) if return_kv else out

@@ -10,6 +10,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from megatron_mxn.attention import hooks
 from megatron_mxn.attention.self_attention import MxnSelfAttention
 from megatron_mxn.attention.core import MxnDotProductAttention
 from megatron_mxn.grid.layout import MxnConfigError
@@ -25,7 +26,9 @@ def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_perce
     spec is returned unchanged (megatron-core's own attention).
     rotary_percent: the model's RoPE fraction (0 for models without RoPE); it fixes which head
     dims each slice holds so that RoPE pairs stay on one rank.
+    Installs the grid attention's hooks (megatron_mxn.attention.hooks.install).
     """
+    hooks.install()
     if dim_slices is None:
         if not mxn_parallel_is_initialized():
             raise MxnConfigError("pass dim_slices or call initialize_mxn_parallel first")

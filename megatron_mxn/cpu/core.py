@@ -11,28 +11,14 @@ torch AdamW fallback resume exactly. Written for megatron-core 0.19.x and torch 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_mxn.cpu.registry import patch, resolve
+from megatron_mxn.patching import patch, replace, resolve
 
 CORE = "megatron-core 0.19.x"
 TORCH = "torch 2.6-2.14"
-
-
-def _replace(target: str, make):
-    """Replace `target` (a dotted path) by `make(original)`, keeping the original reachable."""
-    owner_path, attr = target.rsplit(".", 1)
-    owner = resolve(owner_path)
-    original = getattr(owner, attr)
-    replacement = make(original)
-    inner = replacement.__func__ if isinstance(replacement, staticmethod) else replacement
-    if inspect.isfunction(inner):
-        functools.update_wrapper(inner, original)
-    setattr(owner, attr, replacement)
 
 
 # --------------------------------------------------------------------------- fusions
@@ -125,12 +111,12 @@ def _eager_compile_in_megatron():
 @patch("torch.cuda.current_device", TORCH, "raises without a CUDA device; megatron uses it as "
        "the device of every buffer it allocates (memory buffer, KV cache, rotary, grad buffers)")
 def _current_device():
-    _replace("torch.cuda.current_device", lambda orig: lambda: torch.device("cpu"))
+    replace("torch.cuda.current_device", lambda orig: lambda: torch.device("cpu"))
 
 
 @patch("torch.cuda.synchronize", TORCH, "raises without a CUDA device (timers, p2p, dist-ckpt)")
 def _synchronize():
-    _replace("torch.cuda.synchronize", lambda orig: lambda device=None: None)
+    replace("torch.cuda.synchronize", lambda orig: lambda device=None: None)
 
 
 class _NoStream:
@@ -169,21 +155,21 @@ class _TimingEvent(_NoStream):
 @patch("torch.cuda.Stream", TORCH, "stream and event objects need a device (DDP, param/grad "
        "buffers, the MoE dispatcher, the static inference engine's per-step timing events)")
 def _streams():
-    _replace("torch.cuda.Stream", lambda orig: _NoStream)
-    _replace("torch.cuda.Event", lambda orig: _TimingEvent)
-    _replace("torch.cuda.current_stream", lambda orig: lambda device=None: _NoStream())
-    _replace("torch.cuda.default_stream", lambda orig: lambda device=None: _NoStream())
-    _replace("torch.cuda.stream", lambda orig: lambda stream=None: contextlib.nullcontext())
+    replace("torch.cuda.Stream", lambda orig: _NoStream)
+    replace("torch.cuda.Event", lambda orig: _TimingEvent)
+    replace("torch.cuda.current_stream", lambda orig: lambda device=None: _NoStream())
+    replace("torch.cuda.default_stream", lambda orig: lambda device=None: _NoStream())
+    replace("torch.cuda.stream", lambda orig: lambda stream=None: contextlib.nullcontext())
 
 
 @patch("torch.cuda.manual_seed", TORCH, "the CUDA generator does not exist on CPU; the CPU "
        "default generator plays its role (seeded, saved and restored through the same calls)")
 def _cuda_rng_api():
     gen = torch.default_generator
-    _replace("torch.cuda.manual_seed", lambda orig: lambda seed: gen.manual_seed(int(seed)))
-    _replace("torch.cuda.initial_seed", lambda orig: lambda: gen.initial_seed())
-    _replace("torch.cuda.get_rng_state", lambda orig: lambda device="cuda": gen.get_state())
-    _replace("torch.cuda.set_rng_state",
+    replace("torch.cuda.manual_seed", lambda orig: lambda seed: gen.manual_seed(int(seed)))
+    replace("torch.cuda.initial_seed", lambda orig: lambda: gen.initial_seed())
+    replace("torch.cuda.get_rng_state", lambda orig: lambda device="cuda": gen.get_state())
+    replace("torch.cuda.set_rng_state",
              lambda orig: lambda new_state, device="cuda": gen.set_state(new_state))
 
 
@@ -195,7 +181,7 @@ def _cuda_rng_api():
        "the CPU generator so that forked streams (TP dropout, weight init) really differ",
        fingerprint="b8efb24fab54")
 def _tracker_get_state():
-    _replace("megatron.core.tensor_parallel.random._get_cuda_rng_state",
+    replace("megatron.core.tensor_parallel.random._get_cuda_rng_state",
              lambda orig: lambda device="cuda", clone=False, graph_safe=False:
              torch.default_generator.get_state())
 
@@ -204,7 +190,7 @@ def _tracker_get_state():
        "counterpart of _get_cuda_rng_state: restores into the CPU generator",
        fingerprint="15a863ab8e24")
 def _tracker_set_state():
-    _replace("megatron.core.tensor_parallel.random._set_cuda_rng_state",
+    replace("megatron.core.tensor_parallel.random._set_cuda_rng_state",
              lambda orig: lambda new_state, device=-1, graph_safe=False:
              torch.default_generator.set_state(new_state))
 
@@ -257,7 +243,7 @@ def _device_literals():
     global _MODE
     _MODE = CudaToCpu()
     _MODE.__enter__()
-    _replace("torch.nn.Module.cuda", lambda orig: lambda self, device=None: self)
+    replace("torch.nn.Module.cuda", lambda orig: lambda self, device=None: self)
 
 
 @patch("torch.autograd.function.BackwardCFunction.apply", TORCH,
@@ -274,7 +260,7 @@ def _device_literals_in_backward():
 
         return apply
 
-    _replace("torch.autograd.function.BackwardCFunction.apply", make)
+    replace("torch.autograd.function.BackwardCFunction.apply", make)
 
 
 class _DropForkWarning:
@@ -316,7 +302,7 @@ def _torch_norm_sequence_parallel():
 
         return staticmethod(new)
 
-    _replace("megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__", make)
+    replace("megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__", make)
 
 
 @patch("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", CORE,
@@ -332,7 +318,7 @@ def _moe_split_sizes_as_numpy():
 
         return move
 
-    _replace("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", make)
+    replace("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu", make)
 
 
 @patch("megatron.core.dist_checkpointing.strategies.filesystem_async.get_write_results_queue",
@@ -361,7 +347,7 @@ def _fork_checkpoint_results_queue():
 
         return get_write_results_queue
 
-    _replace(target, make)
+    replace(target, make)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -412,7 +398,7 @@ def _allocate_optimizer_state_before_load():
 
         return sharded_state_dict
 
-    _replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.sharded_state_dict",
+    replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.sharded_state_dict",
              make)
 
 
@@ -432,7 +418,7 @@ def _load_dp_reshardable_without_autograd():
 
         return load_parameter_state_from_dp_reshardable
 
-    _replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+    replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
              "load_parameter_state_from_dp_reshardable", make)
 
 
@@ -451,7 +437,7 @@ def _step_comes_from_param_groups():
 
         return _set_main_param_and_optimizer_states
 
-    _replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+    replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
              "_set_main_param_and_optimizer_states", make)
 
 
@@ -470,5 +456,5 @@ def _one_step_tensor_per_parameter():
 
         return load_state_dict
 
-    _replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict",
+    replace("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict",
              make)

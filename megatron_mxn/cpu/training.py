@@ -11,8 +11,8 @@ import importlib.util
 
 import torch
 
-from megatron_mxn.cpu.core import CORE, _replace
-from megatron_mxn.cpu.registry import patch
+from megatron_mxn.cpu.core import CORE
+from megatron_mxn.patching import patch, replace
 
 TRAINING = "megatron.training from megatron-core 0.19.x"
 
@@ -30,7 +30,7 @@ def _skip_helper_compilation():
 
         return compile_helpers
 
-    _replace("megatron.core.datasets.utils.compile_helpers", make)
+    replace("megatron.core.datasets.utils.compile_helpers", make)
 
 
 @patch("megatron.training.arguments.get_device_arch_version", TRAINING,
@@ -38,7 +38,7 @@ def _skip_helper_compilation():
        "skips the CUDA_DEVICE_MAX_CONNECTIONS check that has no meaning on CPU",
        fingerprint="1c0d596af5b2", scope="training")
 def _device_arch():
-    _replace("megatron.training.arguments.get_device_arch_version", lambda orig: lambda: 10)
+    replace("megatron.training.arguments.get_device_arch_version", lambda orig: lambda: 10)
 
 
 @patch("megatron.training.training.initialize_megatron", TRAINING,
@@ -52,7 +52,7 @@ def _allow_no_cuda():
 
         return initialize_megatron
 
-    _replace("megatron.training.training.initialize_megatron", make)
+    replace("megatron.training.training.initialize_megatron", make)
 
 
 @contextlib.contextmanager
@@ -78,14 +78,14 @@ def _with_pretend_device(orig):
        "silently skips initialize_model_parallel when torch.cuda.device_count() is 0; it runs "
        "seeing one device, with set_device a no-op", fingerprint="2d35a7d2bdc2", scope="training")
 def _distributed_init():
-    _replace("megatron.training.initialize._initialize_distributed", _with_pretend_device)
+    replace("megatron.training.initialize._initialize_distributed", _with_pretend_device)
 
 
 @patch("megatron.training.initialize._set_random_seed", TRAINING,
        "silently skips seeding the RNG tracker (TP-region dropout, weight init) when "
        "torch.cuda.device_count() is 0", fingerprint="dfebce4bdd82", scope="training")
 def _seeding():
-    _replace("megatron.training.initialize._set_random_seed", _with_pretend_device)
+    replace("megatron.training.initialize._set_random_seed", _with_pretend_device)
 
 
 # Arguments whose defaults need a GPU or apex: (attribute, CPU value, why).
@@ -106,7 +106,7 @@ CPU_ARGUMENTS = (
        "kernels on CPU for seconds per rank; CPU mode does not use those fusions",
        fingerprint="8e7cd03a9f0c", scope="training")
 def _no_jit_warmup():
-    _replace("megatron.training.initialize._warmup_jit_function",
+    replace("megatron.training.initialize._warmup_jit_function",
              lambda orig: lambda tp_size=None: None)
 
 
@@ -131,4 +131,4 @@ def _cpu_arguments():
 
         return validate_args
 
-    _replace("megatron.training.arguments.validate_args", make)
+    replace("megatron.training.arguments.validate_args", make)

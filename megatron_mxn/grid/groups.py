@@ -56,10 +56,13 @@ class GridGroups:
 
 @dataclass(init=False, repr=False, eq=False)
 class MxnProcessGroupCollection(ProcessGroupCollection):
-    """megatron-core's ProcessGroupCollection plus the two grid sub-groups."""
+    """megatron-core's ProcessGroupCollection plus the grid's sub-groups: dim-slice, head-group
+    and KV-share (a list, like megatron's `hcp`: this rank's group of the s consecutive head
+    groups for every divisor 1 < s < n, whose size is s; see GridGroups.kv_share_groups)."""
 
     mxn_dim_slice: torch.distributed.ProcessGroup = field(init=False)
     mxn_head_group: torch.distributed.ProcessGroup = field(init=False)
+    mxn_kv_share: List[torch.distributed.ProcessGroup] = field(init=False)
 
     @classmethod
     def use_mpu_process_groups(cls, required_pgs: Optional[List[str]] = None):
@@ -70,6 +73,7 @@ class MxnProcessGroupCollection(ProcessGroupCollection):
         grid = get_grid()
         pgs.mxn_dim_slice = grid.dim_slice_group
         pgs.mxn_head_group = grid.head_group_group
+        pgs.mxn_kv_share = list(grid.kv_share_groups.values())
         return pgs
 
 
@@ -237,17 +241,17 @@ def get_grid() -> GridGroups:
 
 def grid_groups_of(pg_collection: Optional[ProcessGroupCollection]) -> GridGroups:
     """The grid a module should use: the sub-groups carried by its process-group collection
-    (an MxnProcessGroupCollection), else the ones initialize_mxn_parallel registered."""
+    (an MxnProcessGroupCollection: dim-slice, head-group and KV-share groups), else, for a
+    collection without them (megatron's own), the ones initialize_mxn_parallel registered."""
     dim_slice = getattr(pg_collection, "mxn_dim_slice", None) if pg_collection else None
     head_group = getattr(pg_collection, "mxn_head_group", None) if pg_collection else None
     if dim_slice is None or head_group is None:
         return get_grid()
-    if _GRID is not None and (_GRID.dim_slice_group, _GRID.head_group_group) == (
-            dim_slice, head_group):
-        return _GRID  # (with its KV-share groups)
     tp = pg_collection.tp
+    kv_share = getattr(pg_collection, "mxn_kv_share", None) or ()
     return GridGroups(
         head_groups=dist.get_world_size(head_group), dim_slices=dist.get_world_size(dim_slice),
         head_group_index=dist.get_rank(head_group), dim_slice_index=dist.get_rank(dim_slice),
         dim_slice_group=dim_slice, head_group_group=head_group,
-        tp_global_ranks=tuple(dist.get_process_group_ranks(tp)) if tp is not None else ())
+        tp_global_ranks=tuple(dist.get_process_group_ranks(tp)) if tp is not None else (),
+        kv_share_groups={dist.get_world_size(g): g for g in kv_share})

@@ -14,63 +14,41 @@ layer and decode step. Warm-up generations are excluded from every timing and st
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
 from collections import Counter
 from typing import List
 
-from megatron_mxn.attention.schedules import KV_CACHES
+from megatron_mxn.analysis.accounting import (
+    CommCounter,
+    bytes_by_layer,
+    count_rows,
+    counts_table,
+    format_bytes,
+    group_labels,
+    sent_bytes_by_group,
+)
+from megatron_mxn.grid.layout import MxnConfigError
+from megatron_mxn.megatron_lm import add_mxn_args, check_checkpoint_args, with_mxn_args
+from megatron_mxn.megatron_lm.entry import install
+from megatron_mxn.megatron_lm.flags import GENERATE
+from megatron_mxn.megatron_lm.model_config import (
+    initialize_grid_after_megatron,
+    mxn_gpt_config_from_args,
+)
+from megatron_mxn.megatron_lm.run_configs import (
+    expand_config_args,
+    generation_option_strings,
+    megatron_option_strings,
+)
 
-GENERATE = argparse.ArgumentParser(add_help=False)
-_g = GENERATE.add_argument_group("generation (megatron_mxn)")
-_g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
-_g.add_argument("--prompt-length", type=int, default=32,
-                help="length of random prompts (token ids) when there is no --prompts-file")
-_g.add_argument("--prompts-file", default=None,
-                help="one prompt per line: token ids separated by spaces, or text (tokenized "
-                     "with Megatron's tokenizer flags), repeated to fill the batch; prompts of "
-                     "different lengths prefill the shortest, then feed each its own tokens "
-                     "(megatron's static engine)")
-_g.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per prompt")
-_g.add_argument("--inference-micro-batches", type=int, default=None,
-                help="micro-batches flowing through the pipeline (default: PP size)")
-_g.add_argument("--warmup-steps", type=int, default=2,
-                help="tokens of one untimed warm-up generation (0: none)")
-_g.add_argument("--repeats", type=int, default=1, help="timed generations")
-_g.add_argument("--output-json", default=None, help="write the report here (rank 0)")
-_g.add_argument("--progress-interval", type=int, default=32,
-                help="print progress every this many decode steps")
-_g.add_argument("--prompt-seed", type=int, default=1234, help="seed of the random prompts")
-_g.add_argument("--mxn-kv-cache", choices=KV_CACHES, default="auto",
-                help="the grid's KV cache: dims (each rank keeps d/m dims of every position; "
-                     "a decode step all-reduces scores over the context), positions (each "
-                     "rank keeps all dims of every m-th position; a decode step sends "
-                     "O(b*h*d), independent of the context), auto (default: the one whose "
-                     "decode step sends fewer bytes at the run's mean context length)")
-_g.add_argument("--prefill-chunk-size", type=int, default=None,
-                help="prefill the prompt in chunks of this many tokens (default: at once)")
-# Sampling: the flags of Megatron-LM's inference examples, with their defaults (greedy); the
-# seed is Megatron's --seed, the same on every rank.
-_g.add_argument("--temperature", type=float, default=1.0,
-                help="sampling temperature (0: greedy)")
-_g.add_argument("--top_k", type=int, default=1,
-                help="sample from the k most likely tokens (1, the default: greedy; 0: off)")
-_g.add_argument("--top_p", type=float, default=0.0,
-                help="sample from the most likely tokens holding probability p (needs --top_k 0)")
-_g.add_argument("--return-log-probs", action="store_true",
-                help="report the log-probability of every generated token")
+# Imported before CPU mode is enabled (main enables it): the modules that import megatron are
+# imported inside the functions that run after it.
+
 
 def split_argv(argv: List[str]):
     """(generation options, remaining Megatron argv), after expanding --config/--layout."""
-    from megatron_mxn.megatron_lm import add_mxn_args
-    from megatron_mxn.megatron_lm.run_configs import (
-        expand_config_args,
-        generation_option_strings,
-        megatron_option_strings,
-    )
-
     known = megatron_option_strings(add_mxn_args) | generation_option_strings()
     argv = expand_config_args(argv, known, section="inference")
     return GENERATE.parse_known_args(argv)
@@ -78,9 +56,6 @@ def split_argv(argv: List[str]):
 
 def check_request(gen, args) -> None:
     """Bad requests fail here, identically on every rank, before any collective."""
-    from megatron_mxn.grid.layout import MxnConfigError
-    from megatron_mxn.megatron_lm import check_checkpoint_args
-
     for name in ("batch_size", "max_new_tokens", "prompt_length", "repeats"):
         if getattr(gen, name) < 1:
             raise MxnConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -107,7 +82,7 @@ def check_request(gen, args) -> None:
     check_sampling(gen)
     check_checkpoint_args(args)
     if args.hybrid_layer_pattern is not None:  # Mamba layers on CPU are refused here
-        from megatron_mxn.attention.hybrid_spec import check_hybrid_pattern
+        from megatron_mxn.attention.hybrid_spec import check_hybrid_pattern  # (megatron)
 
         check_hybrid_pattern(args.hybrid_layer_pattern)
 
@@ -119,7 +94,7 @@ def model_builder(args):
     from megatron.training.utils import is_hybrid_model
 
     if is_hybrid_model(args):
-        from megatron_mxn.megatron_lm.hybrid_config import (
+        from megatron_mxn.megatron_lm.hybrid_config import (  # (megatron.training)
             MxnHybridModelBuilder,
             mxn_hybrid_config_from_args,
         )
@@ -127,15 +102,11 @@ def model_builder(args):
         return mxn_hybrid_config_from_args(args), MxnHybridModelBuilder
     from megatron.training.models.gpt import GPTModelBuilder
 
-    from megatron_mxn.megatron_lm.model_config import mxn_gpt_config_from_args
-
     return mxn_gpt_config_from_args(args), GPTModelBuilder
 
 
 def check_sampling(gen) -> None:
     """The sampling flags, with Megatron's rule that top-k and top-p exclude each other."""
-    from megatron_mxn.grid.layout import MxnConfigError
-
     if gen.temperature < 0 or gen.top_k < 0 or not 0.0 <= gen.top_p <= 1.0:
         raise MxnConfigError("sampling needs --temperature >= 0, --top_k >= 0 and --top_p in "
                              "[0, 1]")
@@ -148,8 +119,6 @@ def read_prompts(gen, args, tokenizer_fn):
     """([batch, longest] prompt token ids, right-padded; each prompt's length or None when
     they are all equal), identical on every rank."""
     import torch
-
-    from megatron_mxn.grid.layout import MxnConfigError
 
     if gen.prompts_file is None:
         vocab = args.padded_vocab_size if args.padded_vocab_size else 1024
@@ -173,28 +142,18 @@ def read_prompts(gen, args, tokenizer_fn):
 
 
 def main(argv=None) -> None:
-    import torch
-
-    import megatron_mxn.cpu
-
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        megatron_mxn.cpu.enable(training=True)
-    else:
-        megatron_mxn.cpu.install_wheel_fixes()
+    cpu = install()  # CPU mode (or the wheel fixes) and the grid's hooks, before megatron
     gen, megatron_argv = split_argv(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *megatron_argv]
 
     from megatron.training.arguments import parse_and_validate_args
-
-    from megatron_mxn.megatron_lm import with_mxn_args
 
     args = parse_and_validate_args(
         extra_args_provider=with_mxn_args(),
         args_defaults={"no_load_rng": True, "no_load_optim": True, "micro_batch_size": 1,
                        "exit_on_missing_checkpoint": True, "tokenizer_type": "NullTokenizer"})
     check_request(gen, args)
-    from megatron_mxn.grid.groups import clean_shutdown
+    from megatron_mxn.grid.groups import clean_shutdown  # (megatron)
 
     with clean_shutdown():  # (process groups destroyed before Python exits)
         report = run(gen, args, cpu)
@@ -219,16 +178,8 @@ def run(gen, args, cpu: bool):
     from megatron.training.initialize import initialize_megatron
     from megatron.core.utils import unwrap_model
 
-    from megatron_mxn.analysis.accounting import (
-        CommCounter,
-        bytes_by_layer,
-        count_rows,
-        group_labels,
-        sent_bytes_by_group,
-    )
+    from megatron_mxn.grid.groups import mxn_parallel_is_initialized  # (megatron)
     from megatron_mxn.inference.generation import generate, peak_memory_bytes, summarize
-    from megatron_mxn.megatron_lm.model_config import initialize_grid_after_megatron
-    from megatron_mxn.grid.groups import mxn_parallel_is_initialized
 
     initialize_megatron(allow_no_cuda=cpu)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
@@ -396,15 +347,13 @@ def _print_comm(per_step, decode, layers: int, decode_steps: int, layer_bytes) -
     and the bytes each layer sent by group over the whole generation."""
     import torch.distributed as dist
 
-    from megatron_mxn.analysis.accounting import counts_table as table
-
     for rank in range(dist.get_world_size()):
         if rank == dist.get_rank():
             print(f"[mxn] collectives of rank {rank} ({layers} layers on this rank), prefill:\n"
-                  f"{table(per_step[0])}", flush=True)
+                  f"{counts_table(per_step[0])}", flush=True)
             if decode_steps:
                 print(f"[mxn] collectives of rank {rank}, per decode step (mean of "
-                      f"{decode_steps}):\n{table(decode, per=decode_steps)}", flush=True)
+                      f"{decode_steps}):\n{counts_table(decode, per=decode_steps)}", flush=True)
             print(f"[mxn] bytes sent by rank {rank} per layer (prefill + all decode steps): "
                   + "; ".join(f"layer {n}: " + ", ".join(f"{g} {b:.0f}" for g, b in by.items())
                               for n, by in layer_bytes.items()), flush=True)
@@ -412,29 +361,31 @@ def _print_comm(per_step, decode, layers: int, decode_steps: int, layer_bytes) -
 
 
 def layout_name(args, kv_cache: str = "dims") -> str:
+    from megatron_mxn.attention.schedules import AUTO, get_kv_cache
+
     pp = f" PP={args.pipeline_model_parallel_size}" if args.pipeline_model_parallel_size > 1 else ""
     if args.mxn_dim_slices > 1:
-        schedule = "" if args.mxn_attention == "auto" else f" {args.mxn_attention}"
-        cache = " KV-by-position" if kv_cache == "positions" else ""
+        schedule = "" if args.mxn_attention == AUTO else f" {args.mxn_attention}"
+        cache = get_kv_cache(kv_cache).label  # (as cost_model.Layout.name)
         return f"grid {args.mxn_head_groups}x{args.mxn_dim_slices}{pp}{schedule}{cache}"
     return f"TP={args.tensor_model_parallel_size}{pp}"
 
 
 def resolve_kv_cache(gen, args, prompt_length: int, micro: int) -> str:
-    """--mxn-kv-cache auto: the cache whose decode step sends fewer bytes at the run's mean
-    context length (schedules.choose_kv_cache); the same on every rank."""
-    from megatron_mxn.attention.schedules import ScoreShape, choose_kv_cache, decode_context
+    """The KV cache of the run (--mxn-kv-cache auto: the cache whose decode step sends fewer
+    bytes at the run's mean context length), decided by schedules.decide_kv_cache as
+    generation.generate() and the cost model decide it; the same on every rank. Decided here
+    once for the whole workload, so that the shorter warm-up generation uses it too."""
+    from megatron_mxn.attention.schedules import ScoreShape, decide_kv_cache
 
     m = args.mxn_dim_slices
-    if m == 1:
-        return "dims"
     n, h = args.mxn_head_groups, args.num_attention_heads
     g = args.num_query_groups if args.group_query_attention else h
     d = args.kv_channels
     elem = 2 if (args.bf16 or args.fp16) else 4
-    shape = ScoreShape(gen.batch_size // micro, h // n, max(g // n, 1), 1,
-                       decode_context(prompt_length, gen.max_new_tokens), d // m, m, elem)
-    return choose_kv_cache(gen.mxn_kv_cache, args.mxn_attention, shape)
+    shape = ScoreShape(gen.batch_size // micro, h // n, max(g // n, 1), 1, 1, d // m, m, elem)
+    return decide_kv_cache(gen.mxn_kv_cache, args.mxn_attention, shape, prompt_length,
+                           gen.max_new_tokens).name
 
 
 def _max_by_key(dicts) -> dict:
@@ -446,13 +397,11 @@ def _max_by_key(dicts) -> dict:
 
 
 def format_report(r: dict) -> str:
-    from megatron_mxn.analysis.accounting import format_bytes as _fmt_bytes
-
     w = r["workload"]
     ms = 1000.0
-    comm = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in
+    comm = ", ".join(f"{k} {format_bytes(v)}" for k, v in
                      r["comm_bytes_per_layer_per_decode_step"].items()) or "none"
-    outside = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in
+    outside = ", ".join(f"{k} {format_bytes(v)}" for k, v in
                         r["comm_bytes_per_decode_step_outside_layers"].items()) or "none"
     rows = [
         ("layout", f"{r['layout']['name']} ({r['layout']['world']} ranks, DP "
@@ -468,8 +417,8 @@ def format_report(r: dict) -> str:
                                   f"{r['tpot_s']['p90'] * ms:.2f} ms"),
         ("output tokens/s", f"{r['output_tokens_per_s']:.1f}"),
         ("total tokens/s", f"{r['total_tokens_per_s']:.1f}"),
-        ("KV cache / rank", _fmt_bytes(r["kv_cache_bytes_per_rank"])),
-        ("peak memory / rank", f"{_fmt_bytes(r['peak_memory_bytes_per_rank'])} "
+        ("KV cache / rank", format_bytes(r["kv_cache_bytes_per_rank"])),
+        ("peak memory / rank", f"{format_bytes(r['peak_memory_bytes_per_rank'])} "
                                f"({r['peak_memory_kind']})"),
         ("sent / layer / decode step / rank", comm),
         ("sent / decode step outside layers", outside),

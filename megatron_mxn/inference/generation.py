@@ -23,6 +23,9 @@ from megatron.core.inference.sampling.torch_sampling import TorchSampling
 from megatron.core.inference.sampling_params import SamplingParams
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_mxn.attention.position_cache import kv_cache_used, request_kv_cache
+from megatron_mxn.attention.schedules import DIMS
+
 
 @dataclass
 class Generation:
@@ -122,10 +125,12 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
     stages do not know which sequences finished).
 
     kv_cache: the grid's KV cache layout (dims | positions | auto, see attention/schedules.py;
-    None: the config's). prompt_lengths: prompts of different lengths, right-padded in
-    `prompt`; as megatron's static engine, the batch prefills the shortest and then moves in
-    lockstep, feeding each sequence its own prompt tokens until they run out (its tokens are
-    the `new_tokens` after its own prompt). prefill_chunk: prefill in chunks of this many
+    None: the config's); auto is decided for this workload (schedules.decide_kv_cache: micro-
+    batch, longest prompt, new tokens), as the CLI and the cost model decide it.
+    prompt_lengths: prompts of different lengths, right-padded in `prompt`; as megatron's
+    static engine, the batch prefills the shortest and then moves in lockstep, feeding each
+    sequence its own prompt tokens until they run out (its tokens are the `new_tokens` after
+    its own prompt). prefill_chunk: prefill in chunks of this many
     tokens (each chunk attends to the cached ones)."""
     b, s = prompt.shape
     if b % micro_batches:
@@ -147,8 +152,7 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
     shortest, longest = min(lengths), max(lengths)
     steps = longest - shortest + new_tokens  # predictions made
     context = StaticInferenceContext(b, longest + new_tokens)
-    if kv_cache is not None:
-        context.mxn_kv_cache = kv_cache
+    request_kv_cache(context, kv_cache, mb, longest, new_tokens)
     out = Generation(tokens=torch.empty(b, new_tokens if last else 0, dtype=torch.long))
     predicted = torch.empty(b, steps if last else 0, dtype=torch.long)
     log_probs = torch.empty(b, steps if last and return_log_probs else 0)
@@ -229,7 +233,7 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, pgs, micro_batches: i
                 out.log_probs[r] = log_probs[r, own]
         out.lengths = eod_lengths(out.tokens, eod)
     out.kv_cache_bytes = kv_cache_bytes(context)
-    out.kv_cache = getattr(context, "mxn_kv_cache", None) or "dims"
+    out.kv_cache = kv_cache_used(context) or DIMS.name  # (no grid layer with m > 1 ran)
     return out
 
 

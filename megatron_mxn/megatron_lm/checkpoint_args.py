@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from megatron_mxn.attention.schedules import AUTO, standard_attention
 from megatron_mxn.grid.layout import MxnConfigError
 from megatron_mxn.megatron_lm.checkpoint_files import check_checkpoint_files
 
@@ -15,10 +16,12 @@ SHAPE_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gro
 
 
 def attention_model(args) -> str:
-    """'sliced' for the seed paper's per-slice model, 'standard' for every exact schedule."""
-    sliced = getattr(args, "mxn_attention", "auto") == "sliced" and (
-        getattr(args, "mxn_dim_slices", 1) or 1) > 1
-    return f"sliced over {args.mxn_dim_slices} dim slices" if sliced else "standard"
+    """'standard' for every schedule computing standard attention (Schedule.exact), else the
+    schedule's model: 'sliced over m dim slices' for the seed paper's per-slice one."""
+    name = getattr(args, "mxn_attention", AUTO)
+    if (getattr(args, "mxn_dim_slices", 1) or 1) > 1 and not standard_attention(name):
+        return f"{name} over {args.mxn_dim_slices} dim slices"
+    return "standard"
 
 
 def check_checkpoint_args(args) -> None:

@@ -1,5 +1,7 @@
 """The `--mxn-*` flags: Megatron's `extra_args_provider`, and the replace/alongside-TP rule that
-turns them into Megatron's `--tensor-model-parallel-size` before Megatron validates its args."""
+turns them into Megatron's `--tensor-model-parallel-size` before Megatron validates its args;
+and the generation entry point's own flags (`GENERATE`, used by megatron_mxn.inference.generate),
+defined here so that the run configs (run_configs.py) can tell them from Megatron's."""
 
 from __future__ import annotations
 
@@ -7,9 +9,13 @@ import argparse
 import importlib.util
 import os
 
+from megatron_mxn.attention.schedules import KV_CACHES
 from megatron_mxn.attention.schedules import SCHEDULES as ATTENTION_SCHEDULES
 from megatron_mxn.grid.layout import MxnConfigError
 from megatron_mxn.megatron_lm.training_log import log_training_comm, record_metrics
+from megatron_mxn.patching import patch
+
+TRAINING = "megatron.training from megatron-core 0.19.x"
 
 
 def add_mxn_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -54,8 +60,15 @@ def with_mxn_args(provider=None):
     return both
 
 
+@patch("megatron.training.arguments.parse_args", TRAINING,
+       "Megatron validates its args (validate_args) right after parse_args returns, and the "
+       "grid flags must have become --tensor-model-parallel-size by then: add_mxn_args (the "
+       "extra_args_provider parse_args calls) replaces parse_known_args of the parser it is "
+       "given, never argparse's, so that resolve_mxn_args runs inside parse_args",
+       fingerprint="7f2b7750e1be", scope="parser")
 def _resolve_after_parsing(parser: argparse.ArgumentParser) -> None:
-    """argparse's parse_args goes through parse_known_args: resolve the grid flags there."""
+    """argparse's parse_args goes through parse_known_args: resolve the grid flags there (on
+    this parser only)."""
     original = parser.parse_known_args
 
     def parse_known_args(*args, **kwargs):
@@ -124,3 +137,44 @@ def resolve_mxn_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def _have_te() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+# The flags of the generation entry point (megatron_mxn.inference.generate) beside Megatron's.
+GENERATE = argparse.ArgumentParser(add_help=False)
+_g = GENERATE.add_argument_group("generation (megatron_mxn)")
+_g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+_g.add_argument("--prompt-length", type=int, default=32,
+                help="length of random prompts (token ids) when there is no --prompts-file")
+_g.add_argument("--prompts-file", default=None,
+                help="one prompt per line: token ids separated by spaces, or text (tokenized "
+                     "with Megatron's tokenizer flags), repeated to fill the batch; prompts of "
+                     "different lengths prefill the shortest, then feed each its own tokens "
+                     "(megatron's static engine)")
+_g.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per prompt")
+_g.add_argument("--inference-micro-batches", type=int, default=None,
+                help="micro-batches flowing through the pipeline (default: PP size)")
+_g.add_argument("--warmup-steps", type=int, default=2,
+                help="tokens of one untimed warm-up generation (0: none)")
+_g.add_argument("--repeats", type=int, default=1, help="timed generations")
+_g.add_argument("--output-json", default=None, help="write the report here (rank 0)")
+_g.add_argument("--progress-interval", type=int, default=32,
+                help="print progress every this many decode steps")
+_g.add_argument("--prompt-seed", type=int, default=1234, help="seed of the random prompts")
+_g.add_argument("--mxn-kv-cache", choices=KV_CACHES, default="auto",
+                help="the grid's KV cache: dims (each rank keeps d/m dims of every position; "
+                     "a decode step all-reduces scores over the context), positions (each "
+                     "rank keeps all dims of every m-th position; a decode step sends "
+                     "O(b*h*d), independent of the context), auto (default: the one whose "
+                     "decode step sends fewer bytes at the run's mean context length)")
+_g.add_argument("--prefill-chunk-size", type=int, default=None,
+                help="prefill the prompt in chunks of this many tokens (default: at once)")
+# Sampling: the flags of Megatron-LM's inference examples, with their defaults (greedy); the
+# seed is Megatron's --seed, the same on every rank.
+_g.add_argument("--temperature", type=float, default=1.0,
+                help="sampling temperature (0: greedy)")
+_g.add_argument("--top_k", type=int, default=1,
+                help="sample from the k most likely tokens (1, the default: greedy; 0: off)")
+_g.add_argument("--top_p", type=float, default=0.0,
+                help="sample from the most likely tokens holding probability p (needs --top_k 0)")
+_g.add_argument("--return-log-probs", action="store_true",
+                help="report the log-probability of every generated token")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron_mxn.attention import options
 from megatron_mxn.grid.layout import MxnConfigError
 
 
@@ -45,8 +46,6 @@ def check_grid_options(args, config) -> None:
     With m = 1 the layers are megatron-core's own attention: nothing to check."""
     if getattr(config, "mxn_dim_slices", 1) <= 1:
         return
-    from megatron_mxn.attention import options
-
     options.check_model(config, position_embedding_type=args.position_embedding_type)
     options.check_config(config)
 
@@ -82,11 +81,11 @@ def initialize_grid_after_megatron(head_groups: int, dim_slices: int, announce: 
     """Add the grid sub-groups to Megatron's initialized parallel_state; print the layout."""
     import torch.distributed as dist
 
-    from megatron_mxn.grid.groups import get_grid, initialize_mxn_parallel
+    from megatron_mxn.grid.groups import grid_groups_of, initialize_mxn_parallel
 
     pgs = initialize_mxn_parallel(head_groups, dim_slices)
     if announce and dist.get_rank() == 0:
-        print(describe_grid(get_grid()), flush=True)
+        print(describe_grid(grid_groups_of(pgs)), flush=True)
     return pgs
 
 

@@ -6,11 +6,15 @@ pretrain_gpt's (the same batch and forward signature), only the model config dif
 through scripts/pretrain_hybrid_mxn.py (torchrun).
 """
 
-from megatron_mxn.megatron_lm.pretrain_gpt import run  # CPU mode first, as for GPT
+from megatron_mxn.megatron_lm.entry import install
+from megatron_mxn.megatron_lm.pretrain_gpt import run
 
 
 def main():
-    from megatron_mxn.megatron_lm.hybrid_config import mxn_hybrid_config_from_args
+    install()  # CPU mode first, as for GPT
+    from megatron_mxn.megatron_lm.hybrid_config import (  # (imports megatron.training)
+        mxn_hybrid_config_from_args,
+    )
 
     run(mxn_hybrid_config_from_args)
 

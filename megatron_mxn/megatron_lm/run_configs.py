@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional
 import yaml
 
 from megatron_mxn.grid.layout import MxnConfigError
+from megatron_mxn.megatron_lm.flags import GENERATE
 
 SECTIONS = ("model", "training", "inference", "layouts", "cluster", "notes")
 FLAG_SECTIONS = ("model", "training", "inference")
@@ -87,8 +88,6 @@ def config_flags(cfg: dict, layout: Optional[str], path: str = "config",
 
 def generation_option_strings() -> set:
     """The option strings of megatron_mxn.inference.generate's own (non-Megatron) flags."""
-    from megatron_mxn.inference.generate import GENERATE
-
     return {option for action in GENERATE._actions for option in action.option_strings}
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
+import logging
 import math
 
 import torch
@@ -75,21 +74,41 @@ def sliced_matches_plain_torch(n: int, m: int, sq: int = 12, b: int = 2, **model
     return err
 
 
+class _Lines(logging.Handler):
+    """The messages logged while it is attached (the pool's ranks are other processes: this
+    stands in for pytest's caplog)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 def auto_choices(n: int, m: int, prefill: int, **model_kwargs):
-    """Run auto on a long prefill then two decode steps' shapes; the decisions it logged."""
+    """Run auto on a long prefill then two decode steps' shapes; the decisions it recorded and
+    the INFO lines it logged to the "megatron_mxn" logger."""
     spec, config, core, grid = _core(n, m, "auto", **model_kwargs)
     core.eval()  # (inference: the log names the phase prefill, not training)
     h, g, d = spec.heads, spec.kv_heads, spec.head_dim
     hq, gk, dl = h // n, max(g // n, 1), d // m
     b = 1
-    log = io.StringIO()
-    with torch.no_grad(), contextlib.redirect_stdout(log):
-        for sq, sk in ((prefill, prefill), (1, prefill + 1), (1, prefill + 2)):
-            mask = torch.triu(torch.ones(sq, sk, dtype=torch.bool), diagonal=1 + sk - sq)
-            core(torch.randn(sq, b, hq, dl), torch.randn(sk, b, gk, dl),
-                 torch.randn(sk, b, gk, dl), attention_mask=mask.view(1, 1, sq, sk))
+    logger, lines = logging.getLogger("megatron_mxn"), _Lines()
+    level = logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    try:
+        with torch.no_grad():
+            for sq, sk in ((prefill, prefill), (1, prefill + 1), (1, prefill + 2)):
+                mask = torch.triu(torch.ones(sq, sk, dtype=torch.bool), diagonal=1 + sk - sq)
+                core(torch.randn(sq, b, hq, dl), torch.randn(sk, b, gk, dl),
+                     torch.randn(sk, b, gk, dl), attention_mask=mask.view(1, 1, sq, sk))
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
-    return core.decisions, log.getvalue()
+    return core.decisions, "\n".join(lines.lines)
 
 
 def fused_dropout_is_consistent(n: int, m: int, schedule: str, sq: int = 16, b: int = 2,
