@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from megatron_mxn.attention.kernels import attention
+from megatron_mxn.attention.mask import MaskSpec
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}
 DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -84,10 +85,10 @@ def numerics(device):
                     keys = torch.arange(s, device=device)
                     mask = torch.stack([keys >= s - 37 * (i + 1) for i in range(b)])
                     mask = mask[:, None, None, :].expand(b, 1, sq, s)
-                kw = dict(scale=1 / math.sqrt(d), causal=True, q_offset=off)
+                kw = dict(scale=1 / math.sqrt(d), mask=MaskSpec(True, off, padding=mask))
                 try:
                     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-                    out = attention(*leaves, padding_mask=mask, backend=backend, **kw)
+                    out = attention(*leaves, backend=backend, **kw)
                     got = (out, *torch.autograd.grad(out, leaves, dout))
                 except RuntimeError as e:  # some CPU builds lack fp16 kernels: say so, go on
                     if device == "cuda" or dtype != torch.float16 or "implemented" not in str(e):
@@ -127,17 +128,19 @@ def _rss_peak(reset: bool = False) -> int:
 def core_share(case, s, h, g, d, dtype, device):
     """One rank's share of the core: (leaf tensors, a function returning its outputs)."""
     new = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
-    kw = dict(scale=1 / math.sqrt(d), causal=True)
+    kw = dict(scale=1 / math.sqrt(d))
     if case != CASES[2]:  # TP=8: h/8 heads (KV replicated if g < 8), full d; exact: h/2, d/4 dims
         n, dims = (8, d) if case == CASES[0] else (2, d // 4)
         kv = max(1, g // n)
         q, k, v = new(1, h // n, s, dims), new(1, kv, s, dims), new(1, kv, s, dims)
-        return [q, k, v], lambda: [attention(q, k, v, backend="unfused", **kw)]
+        return [q, k, v], lambda: [attention(q, k, v, backend="unfused", mask=MaskSpec(True),
+                                             **kw)]
     c = s // 8  # seq 2x4: zig-zag chunks 0 and 7 of 8 against all keys, full d, fused kernel
     q0, q7 = new(1, h // 2, c, d), new(1, h // 2, c, d)
     k, v = new(1, g // 2, s, d), new(1, g // 2, s, d)
-    return [q0, q7, k, v], lambda: [attention(q0, k, v, backend="torch", q_offset=0, **kw),
-                                    attention(q7, k, v, backend="torch", q_offset=7 * c, **kw)]
+    return [q0, q7, k, v], lambda: [
+        attention(q0, k, v, backend="torch", mask=MaskSpec(True, 0), **kw),
+        attention(q7, k, v, backend="torch", mask=MaskSpec(True, 7 * c), **kw)]
 
 
 def bench(device, quick):
