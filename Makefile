@@ -6,7 +6,7 @@ PYTHON ?= $(shell scripts/find_python.sh)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements-ci.txt setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: demo test ab ab-long plan bench-attention gpu-check venv clean
+.PHONY: demo test test-fast ab ab-long plan bench-attention gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ gpu-check: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)  # the in-process tier (no worker pools, no launched jobs): ~1 min
+	$(PY) -m pytest -q -m fast tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

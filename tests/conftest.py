@@ -43,11 +43,20 @@ def _uses_pool(item) -> bool:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "uses_pool: the case runs on a worker pool it picks itself")
+    config.addinivalue_line("markers", "launches: the case starts processes of its own "
+                            "(torchrun, the A/B driver, SLURM, scripts)")
+    config.addinivalue_line("markers", "fast: set by conftest on every case that neither uses "
+                            "a worker pool nor launches processes (`make test-fast`)")
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Run the cases that use worker pools first, so the pools can be shut down before the
-    tests that launch their own processes (idle ranks still cost CPU on a 2-core machine)."""
+    """Tier the cases (`fast` = in this process only: layout, schedules, cost model, configs,
+    options; `make test-fast` runs them) and run the cases that use worker pools first, so the
+    pools can be shut down before the tests that launch their own processes (idle ranks still
+    cost CPU on a 2-core machine)."""
+    for item in items:
+        if not _uses_pool(item) and item.get_closest_marker("launches") is None:
+            item.add_marker(pytest.mark.fast)
     items.sort(key=lambda item: not _uses_pool(item))
 
 

@@ -18,22 +18,12 @@ import signal
 import time
 import traceback
 
-from megatron_mxn.cpu.launch import free_port
+from megatron_mxn.cpu.launch import bootstrap_rank, free_port
 
 
 def _worker(rank: int, world: int, port: int, tasks, results) -> None:
     os.setpgrp()  # own process group: close() also kills helpers this rank spawns
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
-    import torch
-
-    torch.set_num_threads(1)
-    import megatron_mxn.cpu
-
-    megatron_mxn.cpu.enable()
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    bootstrap_rank(rank, world, port)
     results.put((rank, "ready", None))
     while True:
         task = tasks.get()

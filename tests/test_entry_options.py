@@ -8,7 +8,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.launch import REPO, TINY_GPT
+
+pytestmark = pytest.mark.launches  # (conftest: not in `make test-fast`)
 
 GRID = ["--mxn-head-groups", "2", "--mxn-dim-slices", "2"]
 TP4 = ["--tensor-model-parallel-size", "4"]

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.launches  # (conftest: not in `make test-fast`)
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SEQS = (256, 512, 1024)
 CASES = ("TP=8 (unfused scores, megatron-like)", "grid 2x4 exact (score matrix)",

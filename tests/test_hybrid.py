@@ -83,6 +83,7 @@ def hybrid_tp4(tmp_path_factory):
     return run, init, ckpt
 
 
+@pytest.mark.launches
 def test_hybrid_pretraining_grid_2x2_logs_tp4_losses(hybrid_tp4, tmp_path):
     ref, init, _ = hybrid_tp4
     run = _train(tmp_path, 4, ["--mxn-head-groups", "2", "--mxn-dim-slices", "2"], "--load",
@@ -96,6 +97,7 @@ def test_hybrid_pretraining_grid_2x2_logs_tp4_losses(hybrid_tp4, tmp_path):
         assert err < FP32_TOL, (key, run.by_iteration(key), ref.by_iteration(key))
 
 
+@pytest.mark.launches
 def test_hybrid_generation_grid_2x2_gives_tp4_tokens(hybrid_tp4, tmp_path):
     """`python -m megatron_mxn.inference.generate` with --hybrid-layer-pattern: the trained TP=4
     checkpoint generates the same tokens under TP=4 and grid 2x2."""

@@ -12,6 +12,8 @@ from megatron_mxn.analysis.cost_model import ModelShape, kv_cache_bytes, step_co
 from megatron_mxn.analysis.plan import config_layouts
 from tests.launch import REPO, run_ranks_apart, torchrun
 
+pytestmark = pytest.mark.launches  # (conftest: not in `make test-fast`)
+
 CPU_DENSE = str(REPO / "configs" / "cpu_dense.yaml")
 GRID = "grid 2x2 KV-by-position"  # (--mxn-kv-cache auto picks the positions cache here)
 LAYOUT_NAMES = ["TP=2 PP=2", GRID, "TP=4"]

@@ -28,6 +28,7 @@ def test_patch_is_the_minimal_change():
     assert any("with_mxn_args(" in l for l in added)
 
 
+@pytest.mark.launches
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM"), reason=(
     "needs a Megatron-LM core_r0.19.0 checkout in $MEGATRON_LM (GitHub is not reachable from "
     "CI) and pybind11 for its dataset helpers"))
@@ -141,6 +142,7 @@ print("RESULT " + json.dumps({"before": before, "after_import": after_import,
 '''
 
 
+@pytest.mark.launches
 def test_importing_every_module_installs_nothing():
     """Importing all of megatron_mxn (in a fresh interpreter) leaves megatron-core, megatron.
     training and torch as they were: every patch target is still the original, no global hook

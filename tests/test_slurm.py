@@ -13,6 +13,8 @@ import pytest
 
 from tests.slurm_cluster import ClusterUnavailable, free_port, start_cluster
 
+pytestmark = pytest.mark.launches  # (conftest: not in `make test-fast`)
+
 REPO = Path(__file__).resolve().parent.parent
 
 JOB_TIMEOUT = 240  # seconds per job; each takes about a minute on a 2-core machine

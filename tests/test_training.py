@@ -14,6 +14,8 @@ from megatron_mxn.megatron_lm.checkpoint_files import check_checkpoint_files
 from megatron_mxn.grid.layout import MxnConfigError
 from tests.launch import TINY_GPT, rel_diff, run_ranks_apart, torchrun
 
+pytestmark = pytest.mark.launches  # (conftest: not in `make test-fast`)
+
 SCRIPT = "scripts/pretrain_gpt_mxn.py"
 KILLED_SCRIPT = "tests/killed_pretrain.py"  # the same, with one rank SIGKILLing itself
 FP32_TOL = 1e-5
@@ -21,7 +23,8 @@ BF16_TOL = 1e-2
 GRID_2X2 = ["--mxn-head-groups", "2", "--mxn-dim-slices", "2"]
 
 
-def _train(workdir, nproc, layout, *extra, iters=6, ckpt=None, finetune=True, script=SCRIPT):
+def _train(workdir, nproc, layout, *extra, iters=6, ckpt=None, finetune=True, script=SCRIPT,
+           real=False):
     args = [*TINY_GPT, *layout, "--train-iters", str(iters), *extra]
     if "--data-path" not in extra:
         args.append("--mock-data")
@@ -29,7 +32,7 @@ def _train(workdir, nproc, layout, *extra, iters=6, ckpt=None, finetune=True, sc
         args += ["--load", str(ckpt)]
         if finetune:
             args += ["--finetune", "--no-load-optim", "--no-load-rng"]
-    run = torchrun(script, nproc, args, workdir)
+    run = torchrun(script, nproc, args, workdir, real=real)
     if script == SCRIPT:
         assert run.returncode == 0, (run.output[-3000:] +
                                      "".join(run.rank_logs.values())[-6000:])
@@ -143,9 +146,9 @@ def _tracker(ckpt):
 
 def _killed(workdir, rank, at, *extra, ckpt, finetune):
     """A grid 2x2 run in which rank `rank` SIGKILLs itself `at` log:N or save:N (see
-    tests/killed_pretrain.py); torchrun must tear down the other ranks and fail."""
+    tests/killed_pretrain.py); torchrun itself must tear down the other ranks and fail."""
     run = _train(workdir, 4, GRID_2X2, "--kill-rank", str(rank), "--kill-at", at, *extra,
-                 ckpt=ckpt, finetune=finetune, script=KILLED_SCRIPT)
+                 ckpt=ckpt, finetune=finetune, script=KILLED_SCRIPT, real=True)
     assert f"[test] rank {rank}: SIGKILL" in run.rank_logs[rank], run.output[-3000:]
     assert run.returncode != 0 and "exitcode  : -9" in run.output, run.output[-3000:]
     assert _gone(workdir), "processes of the killed run outlived it"

@@ -21,17 +21,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, fn, args, results) -> None:
+def bootstrap_rank(rank: int, world: int, port: int) -> None:
+    """Make this process rank `rank` of a `world`-rank gloo world on loopback, in CPU mode:
+    the one start-up shared by run_on_cpu_ranks and the test worker pool (tests/pool.py)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
+    import torch
+
+    torch.set_num_threads(1)
+    import megatron_mxn.cpu
+
+    megatron_mxn.cpu.enable()
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _rank_main(rank: int, world: int, port: int, fn, args, results) -> None:
     try:
-        import torch
-
-        torch.set_num_threads(1)
-        import megatron_mxn.cpu
-
-        megatron_mxn.cpu.enable()
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+        bootstrap_rank(rank, world, port)
         from megatron_mxn.grid.groups import clean_shutdown
 
         with clean_shutdown():  # (every group destroyed before the process exits)
