@@ -28,7 +28,7 @@ ab-long: $(STAMP)  # the context sweep: ~11 min on 2 CPU cores (README)
 		--prompt-lengths 512,2048,4096,8192 --run ab-long
 
 plan: $(STAMP)
-	$(PY) -m megatron_mxn.analysis.plan --config configs/paper_dense.yaml
+	$(PY) -m megatron_mxn.tools.plan --config configs/paper_dense.yaml
 
 bench-attention: $(STAMP)
 	$(PY) scripts/bench_attention.py

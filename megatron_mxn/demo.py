@@ -53,7 +53,7 @@ def _rank(ckpt_dir: str, steps: int):
     from megatron.core import dist_checkpointing
 
     import megatron_mxn
-    from megatron_mxn.analysis.accounting import CommCounter
+    from megatron_mxn.accounting import CommCounter
     from megatron_mxn.grid.groups import grid_groups_of
     from megatron_mxn.inference.generation import greedy_generate
 
@@ -96,7 +96,7 @@ def _rank(ckpt_dir: str, steps: int):
 
 
 def _fmt_bytes(x: float) -> str:
-    from megatron_mxn.analysis.accounting import format_bytes
+    from megatron_mxn.accounting import format_bytes
 
     return format_bytes(x, digits=1)
 

@@ -100,7 +100,7 @@ def run_rank(args):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_block import TransformerBlock
 
-    from megatron_mxn.analysis.accounting import CommCounter, group_labels
+    from megatron_mxn.accounting import CommCounter, group_labels
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = "cuda" if args.device == "cuda" else "cpu"
@@ -170,7 +170,7 @@ def merge(per_rank):
 
 
 def table(rows, args) -> str:
-    from megatron_mxn.analysis.accounting import format_bytes
+    from megatron_mxn.accounting import format_bytes
 
     lines = [f"One transformer layer (h={args.heads}, g={args.kv_heads}, d={args.head_dim}, "
              f"hidden {args.heads * args.head_dim}, batch {args.batch}, {args.dtype}, causal, no "

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_mxn.analysis.ab_compare import Launcher, make_checkpoint, run_job  # noqa: E402
-from megatron_mxn.analysis.accounting import count_rows  # noqa: E402
+from megatron_mxn.tools.ab_compare import Launcher, make_checkpoint, run_job  # noqa: E402
+from megatron_mxn.accounting import count_rows  # noqa: E402
 from megatron_mxn.megatron_lm.run_configs import load_config  # noqa: E402
 from megatron_mxn.analysis.cost_model import (  # noqa: E402
     ModelShape,
@@ -26,7 +26,7 @@ from megatron_mxn.analysis.cost_model import (  # noqa: E402
     step_collectives,
     weight_bytes,
 )
-from megatron_mxn.analysis.plan import PRESETS, Workload, config_layouts, predict  # noqa: E402
+from megatron_mxn.analysis.planner import PRESETS, Workload, config_layouts, predict  # noqa: E402
 
 
 def predicted_rows(model, layout, batch, prompt, new, stage):
@@ -91,7 +91,7 @@ def main() -> int:
                 exact_all &= ok_comm and ok_w and ok_kv
                 tpot = report["tpot_s"]["median"]
                 pred = predict(model, layout, cluster, Workload(
-                    "infer", batch, prompt, args.new_tokens))["tpot_s"]
+                    "infer", batch, prompt, args.new_tokens)).tpot_s
                 measured_t[layout.name], predicted_t[layout.name] = tpot, pred
                 lines.append(
                     f"| {prompt} | {layout.name} | {'exact' if ok_comm else 'DIFFERENT'} | "

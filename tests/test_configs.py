@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 
 @pytest.fixture(scope="module")
 def known():
-    from megatron_mxn.inference.generate import GENERATE
+    from megatron_mxn.inference.generate_flags import GENERATE
 
     megatron = megatron_option_strings(add_mxn_args)
     return {"training": megatron,
@@ -59,7 +59,7 @@ def test_unknown_layout_lists_the_layouts():
 
 
 def test_cpu_long_grid_layouts_pass_their_kv_cache_to_generate_only(known):
-    from megatron_mxn.inference.generate import split_argv
+    from megatron_mxn.inference.generate_flags import split_argv
 
     path = str(CONFIGS[0].parent / "cpu_long.yaml")
     for layout, cache in (("grid", "positions"), ("grid_dims", "dims"), ("tp", "auto")):
@@ -71,7 +71,7 @@ def test_cpu_long_grid_layouts_pass_their_kv_cache_to_generate_only(known):
 
 
 def test_ab_driver_validates_the_prompt_length_sweep(capsys):
-    from megatron_mxn.analysis import ab_compare
+    from megatron_mxn.tools import ab_compare
 
     cfg = ["--config", str(CONFIGS[0].parent / "cpu_long.yaml")]
     assert ab_compare.parse_args(cfg + ["--prompt-lengths", "512,4096"]).prompt_lengths == [

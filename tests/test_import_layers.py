@@ -6,8 +6,8 @@
 A module may import (at module level or inside a function) only modules of its own layer or of
 the layers before it; the packages of one layer (inference and megatron_lm, cpu and accounting)
 import each other in one direction only, and the module graph has no cycle. Every module of
-megatron_mxn/ must be mapped to a layer in LAYERS (a module belongs to its longest match: three
-files of analysis/ sit in other layers than their folder). Parses the sources with ast: no torch.
+megatron_mxn/ must be mapped to a layer in LAYERS (a module belongs to its longest match).
+Parses the sources with ast: no torch.
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("grid", ("megatron_mxn.grid",)),  # the grid itself: layout, process groups, RNG
     ("attention", ("megatron_mxn", "megatron_mxn.attention")),  # the layer for megatron-core
     # What a process runs beside the model: CPU mode, and the collective counter the entry
-    # points and the analysis share (analysis/accounting.py: its file sits in analysis/).
-    ("runtime", ("megatron_mxn.cpu", "megatron_mxn.analysis.accounting")),
+    # points and the analysis share.
+    ("runtime", ("megatron_mxn.cpu", "megatron_mxn.accounting")),
     # Siblings: inference/generate.py uses megatron_lm's flags and configs, never the reverse.
     ("entry", ("megatron_mxn.inference", "megatron_mxn.megatron_lm")),
-    ("analysis", ("megatron_mxn.analysis",)),  # the cost model
+    ("analysis", ("megatron_mxn.analysis",)),  # the cost model and the planner's model
     # Tools, imported by nothing in the library: the A/B driver (scripts/ab_compare.py), the
-    # planner (its model and its report writers: python -m megatron_mxn.analysis.plan) and the
-    # demo (python -m megatron_mxn.demo); the scripts of scripts/ (benchmarks) sit above all.
-    ("tools", ("megatron_mxn.analysis.ab_compare", "megatron_mxn.analysis.plan",
-               "megatron_mxn.demo")),
+    # planner's report writers and CLI (python -m megatron_mxn.tools.plan) and the demo
+    # (python -m megatron_mxn.demo); the scripts of scripts/ (benchmarks) sit above all.
+    ("tools", ("megatron_mxn.tools", "megatron_mxn.demo")),
 )
 ORDER = {name: k for k, (name, _) in enumerate(LAYERS)}
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from megatron_mxn.analysis.accounting import count_rows
+from megatron_mxn.accounting import count_rows
 from megatron_mxn.megatron_lm.run_configs import load_config
 from megatron_mxn.analysis.cost_model import ModelShape, kv_cache_bytes, step_collectives, weight_bytes
-from megatron_mxn.analysis.plan import config_layouts
+from megatron_mxn.analysis.planner import config_layouts
 from tests.launch import REPO, run_ranks_apart, torchrun
 
 pytestmark = pytest.mark.launches  # (conftest: not in `make test-fast`)

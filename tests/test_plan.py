@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mxn.analysis import plan
+from megatron_mxn.tools import plan
 from megatron_mxn.grid.layout import MxnConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -13,7 +13,7 @@ GOLDEN = REPO / "tests" / "golden" / "plan_paper_dense.md"
 
 
 def test_paper_dense_plan_matches_golden_file(capsys):
-    """Regenerate with: python -m megatron_mxn.analysis.plan --config configs/paper_dense.yaml
+    """Regenerate with: python -m megatron_mxn.tools.plan --config configs/paper_dense.yaml
     > tests/golden/plan_paper_dense.md (and review the diff)."""
     plan.main(["--config", str(REPO / "configs" / "paper_dense.yaml")])
     assert capsys.readouterr().out == GOLDEN.read_text()

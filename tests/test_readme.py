@@ -54,9 +54,9 @@ def _options(parser: argparse.ArgumentParser) -> set:
 def _known_flags():
     from torch.distributed.run import get_args_parser
 
-    from megatron_mxn.analysis import ab_compare
+    from megatron_mxn.tools import ab_compare
     from megatron_mxn.megatron_lm.run_configs import megatron_option_strings
-    from megatron_mxn.inference.generate import GENERATE
+    from megatron_mxn.inference.generate_flags import GENERATE
     from megatron_mxn.megatron_lm import add_mxn_args
 
     config = {"--config", "--layout"}

@@ -7,7 +7,7 @@ import torch
 from megatron.core.inference.sampling_params import SamplingParams
 
 from megatron_mxn.grid.layout import MxnConfigError
-from megatron_mxn.inference.generate import GENERATE, check_sampling
+from megatron_mxn.inference.generate_flags import GENERATE, check_sampling
 from megatron_mxn.inference.generation import Sampler, eod_lengths
 
 ROWS = 400

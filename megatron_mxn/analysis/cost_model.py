@@ -1,7 +1,7 @@
 """What a layout costs per rank: every collective of a generation step, weights, KV cache.
 
 The collectives are those megatron_mxn.inference.generation.generate issues with megatron-core's local
-layers (dense MLP) and the grid attention, in megatron_mxn.analysis.accounting's convention (op, group,
+layers (dense MLP) and the grid attention, in megatron_mxn.accounting's convention (op, group,
 payload = the all-reduce tensor / all-gather output / sent tensor, calls), so that predictions
 and measurements compare exactly (tests/test_cost_model.py, scripts/validate_cost_model.py).
 MoE token traffic depends on the routing and is estimated for uniform routing by the planner.
@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
-from megatron_mxn.analysis.accounting import CommRecord
+from megatron_mxn.accounting import CommRecord
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
 from megatron_mxn.megatron_lm.run_configs import flag_keys
 from megatron_mxn.attention.schedules import (
@@ -112,7 +112,7 @@ class Layout:
     def name(self) -> str:
         pp = f" PP={self.pp}" if self.pp > 1 else ""
         dp = f" DP={self.dp}" if self.dp > 1 else ""
-        if self.dim_slices > 1:  # (the cache's suffix as generate.layout_name's)
+        if self.dim_slices > 1:  # (the cache's suffix as benchmark.layout_name's)
             cache = " KV-auto" if self.kv_cache == AUTO else get_kv_cache(self.kv_cache).label
             return f"grid {self.head_groups}x{self.dim_slices}{pp}{dp} {self.schedule}{cache}"
         return f"TP={self.tp}{pp}{dp}"

@@ -59,7 +59,7 @@ def log_training_comm(interval: int) -> None:
     the bytes it sent per iteration by group."""
     import torch.distributed as dist
 
-    from megatron_mxn.analysis.accounting import CommCounter, group_labels  # (imports torch)
+    from megatron_mxn.accounting import CommCounter, group_labels  # (imports torch)
 
     if getattr(resolve(TRAIN_STEP), "mxn_log_comm", False):
         return

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 import megatron_mxn
-from megatron_mxn.analysis.accounting import CommCounter, count_rows, sent_bytes_by_group
+from megatron_mxn.accounting import CommCounter, count_rows, sent_bytes_by_group
 from megatron_mxn.analysis.cost_model import (
     Layout,
     ModelShape,

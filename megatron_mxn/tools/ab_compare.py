@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 from megatron_mxn.megatron_lm.run_configs import flag_keys, load_config
 from megatron_mxn.cpu.launch import free_port
 
-REPO = Path(__file__).resolve().parents[2]  # (megatron_mxn/analysis/ab_compare.py)
+REPO = Path(__file__).resolve().parents[2]  # (megatron_mxn/tools/ab_compare.py)
 
 # (key in a generate report's per-repeat entry, column title, scale, unit, better)
 METRICS = [
@@ -196,7 +196,7 @@ def spread(values: List[float]) -> dict:
 
 
 def _kib(x: float) -> str:
-    from megatron_mxn.analysis.accounting import format_bytes  # (imports torch: not at start-up)
+    from megatron_mxn.accounting import format_bytes  # (imports torch: not at start-up)
 
     return format_bytes(x, smallest="KiB")
 
