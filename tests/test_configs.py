@@ -93,3 +93,16 @@ def test_ab_driver_validates_the_prompt_length_sweep(capsys):
     assert ab_compare.prefill_score_bytes(long_cfg, "baseline", 2, 8192, 1024) == \
         3 * 1 * 4 * 1024 * 8192 * 4
     assert ab_compare.prefill_score_bytes(long_cfg, "grid", 2, 8192) == 0
+
+
+def test_help_of_megatrons_parser_with_the_grid_flags_formats():
+    """`--help` of every entry point: megatron-core 0.19.2 has a help string with a bare '%'
+    that makes argparse raise; add_mxn_args escapes it (and the grid flags show)."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    from megatron_mxn.megatron_lm import add_mxn_args
+
+    text = add_mxn_args(add_megatron_arguments(argparse.ArgumentParser())).format_help()
+    assert "--mxn-head-groups" in text and "(e.g. 1.10 = 10%)" in text

@@ -25,10 +25,8 @@ from megatron_mxn.inference.benchmark import benchmark, format_report
 from megatron_mxn.inference.generate_flags import check_request, split_argv
 from megatron_mxn.megatron_lm import with_mxn_args
 from megatron_mxn.megatron_lm.entry import install
-from megatron_mxn.megatron_lm.model_config import (
-    initialize_grid_after_megatron,
-    mxn_gpt_config_from_args,
-)
+from megatron_mxn.megatron_lm.grid_groups import initialize_grid_after_megatron
+from megatron_mxn.megatron_lm.model_config import mxn_gpt_config_from_args
 
 # Imported before CPU mode is enabled (main enables it): the modules that import megatron are
 # imported inside the functions that run after it.

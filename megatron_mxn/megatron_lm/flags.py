@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 
-from megatron_mxn.attention.schedules import KV_CACHES
+from megatron_mxn.attention.schedules import KV_CACHES, standard_attention
 from megatron_mxn.attention.schedules import SCHEDULES as ATTENTION_SCHEDULES
 from megatron_mxn.grid.layout import MxnConfigError
 from megatron_mxn.megatron_lm.training_log import log_training_comm, record_metrics
@@ -48,7 +49,20 @@ def add_mxn_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "learning rate, at full precision, as JSON lines (for A/B "
                             "comparisons; Megatron's log rounds and averages them)")
     _resolve_after_parsing(parser)
+    _escape_stray_percent_signs(parser)
     return parser
+
+
+def _escape_stray_percent_signs(parser: argparse.ArgumentParser) -> None:
+    """Make `--help` work: argparse %-formats every help string, and megatron-core 0.19.2's
+    help of --moe-paged-stash-buffer-size-factor-cuda contains a bare "10%)", which raises
+    ValueError for the whole --help of every Megatron entry point. Doubles a '%' that does not
+    start a %(name)s field, in the help strings of the parser this provider is given."""
+    for action in parser._actions:
+        if action.help and "%" in action.help:
+            action.help = re.sub(r"%%|%\(\w+\)[sdr]|%",
+                                 lambda mo: "%%" if mo.group(0) == "%" else mo.group(0),
+                                 action.help)
 
 
 def with_mxn_args(provider=None):
@@ -117,9 +131,10 @@ def resolve_mxn_args(args: argparse.Namespace) -> argparse.Namespace:
     args.tensor_model_parallel_size = n * m
     if m > 1 and getattr(args, "context_parallel_size", 1) > 1:
         raise MxnConfigError("context parallelism cannot be combined with --mxn-dim-slices > 1")
-    if getattr(args, "mxn_attention", "auto") == "sliced" and m > 1 and \
+    if not standard_attention(getattr(args, "mxn_attention", "auto")) and m > 1 and \
             os.environ.get("RANK", "0") == "0":
-        print(f"> mxn WARNING: --mxn-attention sliced is the seed paper's per-slice softmax, a "
+        print(f"> mxn WARNING: --mxn-attention {args.mxn_attention} is not standard attention "
+              f"(sliced: the seed paper's per-slice softmax), a "
               f"different model from standard attention ({args.num_attention_heads} x {m} "
               f"heads of kv_channels/{m} dims); it is not equivalent to TP or the exact grid "
               "and its checkpoints do not load into them", flush=True)

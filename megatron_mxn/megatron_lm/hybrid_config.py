@@ -13,11 +13,10 @@ from megatron.training.models.hybrid import HybridModelBuilder, HybridModelConfi
 
 from megatron_mxn.attention.hybrid_spec import check_hybrid_pattern, get_mxn_hybrid_stack_spec
 from megatron_mxn.attention.self_attention import model_rotary_percent
-from megatron_mxn.grid.groups import mxn_parallel_is_initialized
 from megatron_mxn.grid.layout import MxnConfigError
+from megatron_mxn.megatron_lm.grid_groups import join_grid_groups
 from megatron_mxn.megatron_lm.model_config import (
     check_grid_options,
-    initialize_grid_after_megatron,
     mxn_transformer_config_from_args,
 )
 
@@ -42,12 +41,9 @@ def mxn_hybrid_config_from_args(args) -> "MxnHybridModelConfig":
 
 def hybrid_stack_spec_for(model_config: HybridModelConfig):
     """The grid's hybrid stack spec for a HybridModelConfig (m from its MxnTransformerConfig;
-    Transformer Engine modules when the config asks for them). With m > 1 it first adds the
-    grid's sub-groups to Megatron's parallel_state, as GridLayerSpec does for GPT."""
+    Transformer Engine modules when the config asks for them)."""
     t = model_config.transformer
     m = getattr(t, "mxn_dim_slices", 1)
-    if m > 1 and not mxn_parallel_is_initialized():
-        initialize_grid_after_megatron(t.tensor_model_parallel_size // m, m)
     rotary = model_rotary_percent(model_config.position_embedding_type,
                                   model_config.rotary_percent)
     return get_mxn_hybrid_stack_spec(
@@ -58,10 +54,12 @@ def hybrid_stack_spec_for(model_config: HybridModelConfig):
 
 
 class MxnHybridModelBuilder(HybridModelBuilder):
-    """megatron's HybridModelBuilder on the grid's hybrid stack spec when the config names none
-    (megatron's default, the stock spec, needs Transformer Engine and has no grid)."""
+    """megatron's HybridModelBuilder, after adding the grid's sub-groups (join_grid_groups), on
+    the grid's hybrid stack spec when the config names none (megatron's default, the stock
+    spec, needs Transformer Engine and has no grid)."""
 
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
+        join_grid_groups(self._model_config.transformer)
         if self._model_config.hybrid_stack_spec is None:
             self._model_config.hybrid_stack_spec = hybrid_stack_spec_for(self._model_config)
         return super().build_model(pg_collection, pre_process, post_process, vp_stage)
