@@ -10,6 +10,7 @@ recovered) and the next call starts a fresh one.
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import multiprocessing as mp
 import os
@@ -53,6 +54,10 @@ def _reset_parallel_state() -> None:
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not dist.GroupMember.WORLD:
             dist.destroy_process_group(group)
+    # A destroyed group lives on (with its gloo threads: a run loop and a TCP loop each) while
+    # a reference cycle (a model and its process-group collection) holds it: collect them now,
+    # or a rank gathers hundreds of such threads over a session and they compete for the CPU.
+    gc.collect()
 
 
 class WorkerPool:

@@ -106,6 +106,9 @@ def test_generate_samples_the_same_tokens_under_tp4_and_the_grid(cpu_dense_check
     # NullTokenizer text: the token ids up to each sequence's end of document
     head = grid["tokens_head"][0]
     assert grid["texts"][0] == " ".join(map(str, head[:grid["lengths"][0]]))
+    assert grid["generated_token_ids"] == tp["generated_token_ids"]
+    assert [len(ids) for ids in grid["generated_token_ids"]] == grid["lengths"]
+    assert grid["generated_token_ids"][0] == head[:grid["lengths"][0]]
 
 
 @pytest.mark.parametrize("flags,rule", [

@@ -5,7 +5,6 @@ the package is imported."""
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 

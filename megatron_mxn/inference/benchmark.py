@@ -133,6 +133,7 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
         "tokens_head": last["tokens_head"],
         "sampling": describe_sampling(gen, args.seed),
         "texts": last["texts"],
+        "generated_token_ids": last["generated_token_ids"],
         "lengths": last["lengths"],
         "log_probs": last["log_probs"],
         "repeats": per_repeat,
@@ -147,17 +148,18 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
 
 def _outputs(run, tokenizer) -> dict:
     """The last stage's generations: each sequence's text up to its end-of-document token
-    (detokenized by megatron's controller helper), its length, its tokens' log-probs."""
+    (detokenized by megatron's controller helper), its token ids (the same tokens; the prompt
+    excluded), its length, its tokens' log-probs."""
     from megatron.core.inference.text_generation_controllers.text_generation_controller import (
         TextGenerationController,
     )
 
     if not run.tokens.numel():
-        return {"texts": None, "lengths": None, "log_probs": None}
-    rows = run.tokens.tolist()
+        return {"texts": None, "generated_token_ids": None, "lengths": None, "log_probs": None}
+    rows = [row[:n] for row, n in zip(run.tokens.tolist(), run.lengths)]
     return {
-        "texts": [TextGenerationController.detokenize(tokenizer(), row[:n])
-                  for row, n in zip(rows, run.lengths)],
+        "texts": [TextGenerationController.detokenize(tokenizer(), row) for row in rows],
+        "generated_token_ids": rows,
         "lengths": run.lengths,
         "log_probs": run.log_probs.tolist() if run.log_probs is not None else None,
     }

@@ -315,3 +315,31 @@ def load_full(model, full: Dict[str, torch.Tensor]) -> None:
         loaded.add(id(item.data))
     missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
     assert not missing, f"parameters without a checkpoint key: {missing}"
+
+
+# ---- one grid (or TP) model in a worker rank, for the decode, engine and option cases
+PROMPT_LENGTH = 8
+
+
+def init_grid(n: int, m: int, grid: bool):
+    """Grid n x m, or plain TP = n*m (the grid's groups exist but the stock spec is used)."""
+    return megatron_mxn.initialize_mxn_parallel(n, m, create_gloo_process_groups=False)
+
+
+def teardown():
+    from megatron.core.inference.utils import InferenceMode
+
+    InferenceMode.unset_active()  # megatron's engine leaves it set: later training would fail
+    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
+
+
+def grid_model(spec: ModelSpec, n: int, m: int, grid: bool, seed: int = 1234,
+           schedule: str = "exact"):
+    pgs = init_grid(n, m, grid)
+    seed_all(seed)  # loads must overwrite each layout's different random init
+    config = make_config(spec, tp=n * m, m=m if grid else 1, mxn_attention=schedule)
+    return build_model(spec, config, pgs, grid=grid, max_seq=64), pgs
+
+
+def random_prompt(batch: int = 2, length: int = PROMPT_LENGTH):
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(3))

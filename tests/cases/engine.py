@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.engines import StaticInferenceEngine
 from megatron.core.inference.engines.dynamic_engine import DynamicInferenceEngine
@@ -21,7 +20,7 @@ from megatron.core.inference.text_generation_controllers.text_generation_control
 from megatron.core.tokenizers import MegatronTokenizer
 
 from tests.cases.common import VOCAB, ModelSpec, load, save
-from tests.cases.runtime import _model, _teardown
+from tests.cases.common import grid_model, teardown
 
 PROMPTS = ["3 14 15 92 65 35", "89 79 32"]  # different lengths: the engine's mixed batches
 NEW_TOKENS = 8
@@ -76,21 +75,21 @@ def generations(model) -> dict:
 def engine_matches_tp1(ckpt_dir: str) -> dict:
     """megatron's engine on TP=1 and on the grid 2x2, same weights."""
     spec = ModelSpec()
-    ref, _ = _model(spec, 1, 1, grid=False)
+    ref, _ = grid_model(spec, 1, 1, grid=False)
     save(ref, ckpt_dir)
     want = generations(ref.eval())
-    _teardown()
-    model, _ = _model(spec, 2, 2, grid=True, seed=99)
+    teardown()
+    model, _ = grid_model(spec, 2, 2, grid=True, seed=99)
     load(model, ckpt_dir)
     got = generations(model.eval())
-    _teardown()
+    teardown()
     return {"tp1": want, "grid": got}
 
 
 def dynamic_engine_is_refused() -> dict:
     """Building StaticInferenceEngine without legacy=True, or a DynamicInferenceEngine, for a
     grid model fails at construction with the rule named, on every rank."""
-    model, _ = _model(ModelSpec(), 2, 2, grid=True)
+    model, _ = grid_model(ModelSpec(), 2, 2, grid=True)
     messages = {}
     for name, build in (
         ("static", lambda: static_engine(model, tokenizer(), legacy=False)),
@@ -103,14 +102,14 @@ def dynamic_engine_is_refused() -> dict:
             messages[name] = None
         except Exception as err:  # noqa: BLE001  (the message is the result)
             messages[name] = f"{type(err).__name__}: {err}"
-    _teardown()
+    teardown()
     # megatron's stock attention (TP=4) is not refused: the engine goes on to megatron's own
     # dynamic-engine attempt (which on 2 requests over TP=4 fails and falls back, warning)
-    model, _ = _model(ModelSpec(), 4, 1, grid=False)
+    model, _ = grid_model(ModelSpec(), 4, 1, grid=False)
     controller = static_engine(model, tokenizer()).controller
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         StaticInferenceEngine(controller, max_batch_size=len(PROMPTS), buffer_size_gb=0.01)
     messages["non_grid"] = [str(w.message) for w in caught]
-    _teardown()
+    teardown()
     return messages

@@ -97,7 +97,7 @@ def variants_match_tp1(n: int, m: int, variants: List[dict]) -> List[Dict[str, f
 
 
 def _generate(spec, n, m, grid, config_extra, full, tokens, steps, schedule="auto", **options):
-    from tests.cases.runtime import _teardown
+    from tests.cases.common import teardown
 
     pgs = megatron_mxn.initialize_mxn_parallel(n, m, create_gloo_process_groups=False)
     seed_all(1234 if full is None else 99)
@@ -109,7 +109,7 @@ def _generate(spec, n, m, grid, config_extra, full, tokens, steps, schedule="aut
     else:
         load_full(model, full)
     out = greedy_generate(model, tokens, steps, pgs.tp, **options)
-    _teardown()
+    teardown()
     return out, full
 
 

@@ -17,60 +17,38 @@ from tests.cases.common import (
     VOCAB,
     ModelSpec,
     build_model,
+    PROMPT_LENGTH,
     full_layout,
+    grid_model,
+    init_grid,
     load,
     make_config,
     max_rel_err,
+    random_prompt,
     save,
     seed_all,
+    teardown,
 )
-
-PROMPT = 8
-
-
-def _init(n: int, m: int, grid: bool):
-    """Grid n x m, or plain TP = n*m (the grid's groups exist but the stock spec is used)."""
-    return megatron_mxn.initialize_mxn_parallel(n, m, create_gloo_process_groups=False)
-
-
-def _teardown():
-    from megatron.core.inference.utils import InferenceMode
-
-    InferenceMode.unset_active()  # megatron's engine leaves it set: later training would fail
-    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
-
-
-def _model(spec: ModelSpec, n: int, m: int, grid: bool, seed: int = 1234,
-           schedule: str = "exact"):
-    pgs = _init(n, m, grid)
-    seed_all(seed)  # loads must overwrite each layout's different random init
-    config = make_config(spec, tp=n * m, m=m if grid else 1, mxn_attention=schedule)
-    return build_model(spec, config, pgs, grid=grid, max_seq=64), pgs
-
-
-def _prompt(batch: int = 2, length: int = PROMPT):
-    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(3))
-
 
 def decode_matches_tp1(ckpt_dir: str, n: int, m: int, steps: int = 16, schedule: str = "exact",
                        kv_cache: str = "dims", prompt_lengths=None, prefill_chunk=None,
-                       prompt: int = PROMPT, **model_kwargs):
+                       prompt: int = PROMPT_LENGTH, **model_kwargs):
     """Prefill + `steps` greedy decode steps with the static KV cache, grid vs TP=1 (`auto`:
     the sequence-split core prefills, the score all-reduce decodes; kv_cache positions: the
     position-sharded cache decodes)."""
     spec = ModelSpec(**model_kwargs)
     options = dict(prompt_lengths=prompt_lengths, prefill_chunk=prefill_chunk)
-    tokens = _prompt(len(prompt_lengths) if prompt_lengths else 2, prompt)
-    ref, pgs = _model(spec, 1, 1, grid=False)
+    tokens = random_prompt(len(prompt_lengths) if prompt_lengths else 2, prompt)
+    ref, pgs = grid_model(spec, 1, 1, grid=False)
     save(ref, ckpt_dir)
     ref.eval()
     want = greedy_generate(ref, tokens, steps + 1, pgs.tp, **options)
-    _teardown()
-    model, pgs = _model(spec, n, m, grid=True, seed=99, schedule=schedule)
+    teardown()
+    model, pgs = grid_model(spec, n, m, grid=True, seed=99, schedule=schedule)
     load(model, ckpt_dir)
     model.eval()
     got = greedy_generate(model, tokens, steps + 1, pgs.tp, kv_cache=kv_cache, **options)
-    _teardown()
+    teardown()
     return {
         "tokens_equal": torch.equal(got.tokens, want.tokens),
         "logits_err": max(max_rel_err(a, b) for a, b in zip(got.step_logits, want.step_logits)),
@@ -92,13 +70,13 @@ def checkpoint_round_trip(dirs, **model_kwargs):
         (4, 1, False, dirs[1], None),  # TP=4 reads the grid's
         (1, 1, False, dirs[1], None),  # TP=1 reads the grid's
     ]):
-        model, _ = _model(spec, n, m, grid, seed=100 + step)
+        model, _ = grid_model(spec, n, m, grid, seed=100 + step)
         if load_from:
             load(model, load_from)
         if save_to:
             save(model, save_to)
         weights.append(full_layout(model, lambda p: p.data))
-        _teardown()
+        teardown()
     first = weights[0]
     return [sorted(w) == sorted(first) and all(torch.equal(w[k], first[k]) for k in first)
             for w in weights[1:]]
@@ -108,7 +86,7 @@ def dropout_masks(n: int, m: int):
     """Attention dropout under the grid: the m dim-slice ranks of a head group drop the same
     entries; different head groups draw different masks; reseeding reproduces them."""
     spec = ModelSpec(attention_dropout=0.5, num_layers=1)
-    model, pgs = _model(spec, n, m, grid=True)
+    model, pgs = grid_model(spec, n, m, grid=True)
     model.train()
     masks, kept = [], []
     attn = model.decoder.layers[0].self_attention.core_attention
@@ -118,8 +96,8 @@ def dropout_masks(n: int, m: int):
         kept.append((args[0] != 0).sum().item())
 
     hook = attn.attention_dropout.register_forward_hook(record)
-    tokens = _prompt()
-    pos = torch.arange(PROMPT).expand(2, PROMPT)
+    tokens = random_prompt()
+    pos = torch.arange(PROMPT_LENGTH).expand(2, PROMPT_LENGTH)
     for _ in range(2):
         seed_all(5)
         model(tokens, pos, None)
@@ -130,7 +108,7 @@ def dropout_masks(n: int, m: int):
     dist.all_gather(slices, mask, group=grid.dim_slice_group)
     heads = [torch.empty_like(mask) for _ in range(n)]
     dist.all_gather(heads, mask, group=grid.head_group_group)
-    _teardown()
+    teardown()
     return {
         "same_in_dim_slice_group": all(torch.equal(s, mask) for s in slices),
         "differs_across_head_groups": n == 1 or not torch.equal(heads[0], heads[1]),
@@ -153,7 +131,7 @@ def rng_tracker_forks(tp: int):
         forked_again = torch.rand(4)
     gathered = [torch.empty(4) for _ in range(tp)]
     dist.all_gather(gathered, forked, group=parallel_state.get_tensor_model_parallel_group())
-    _teardown()
+    teardown()
     return {
         "reproducible": torch.equal(forked, forked_again),
         "default_stream_untouched": torch.equal(after_fork, plain),
@@ -163,15 +141,15 @@ def rng_tracker_forks(tp: int):
 
 # ------------------------------------------------------------------ bad input: each raises
 def bad_heads_not_divisible():
-    _model(ModelSpec(heads=6, kv_heads=6), 4, 1, grid=True)
+    grid_model(ModelSpec(heads=6, kv_heads=6), 4, 1, grid=True)
 
 
 def bad_kv_groups():
-    _model(ModelSpec(heads=12, kv_heads=3, hidden=48), 2, 2, grid=True)
+    grid_model(ModelSpec(heads=12, kv_heads=3, hidden=48), 2, 2, grid=True)
 
 
 def bad_head_dim_for_rope():
-    _model(ModelSpec(head_dim=12), 1, 4, grid=True)
+    grid_model(ModelSpec(head_dim=12), 1, 4, grid=True)
 
 
 def bad_tp_size():
@@ -188,7 +166,7 @@ def bad_context_parallel():
 
 def bad_unsupported_option():
     spec = ModelSpec()
-    pgs = _init(2, 2, grid=True)
+    pgs = init_grid(2, 2, grid=True)
     config = make_config(spec, tp=4, m=2, attention_output_gate=True)
     build_model(spec, config, pgs, grid=True)
 
@@ -197,7 +175,7 @@ def bad_rotary_percent_of_spec():
     """The spec built for RoPE over the whole head, the model rotating half of it: refused
     while the model is built (before any checkpoint could be loaded into the wrong rows)."""
     spec = ModelSpec(rotary_percent=0.5)
-    pgs = _init(2, 2, grid=True)
+    pgs = init_grid(2, 2, grid=True)
     config = make_config(spec, tp=4, m=2)
     layer = megatron_mxn.get_mxn_layer_spec(get_gpt_layer_local_spec(), rotary_percent=1.0)
     GPTModel(config, layer, VOCAB, SEQ, position_embedding_type="rope", rotary_percent=0.5,
@@ -210,7 +188,7 @@ def attention_attributes():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = ModelSpec()
-    pgs = _init(2, 2, grid=True)
+    pgs = init_grid(2, 2, grid=True)
     config = make_config(spec, tp=4, m=2)
     stock_spec = get_gpt_layer_local_spec().submodules.self_attention
     grid_spec = megatron_mxn.get_mxn_layer_spec(get_gpt_layer_local_spec(), dim_slices=2)
@@ -218,5 +196,5 @@ def attention_attributes():
                               **stock_spec.params)
     grid = grid_spec.submodules.self_attention
     mxn = grid.module(config, grid.submodules, 1, pg_collection=pgs, **grid.params)
-    _teardown()
+    teardown()
     return sorted(set(vars(stock)) - set(vars(mxn)))
