@@ -4,7 +4,7 @@
 binds to them at import time) while it is active. Bytes sent per rank follow the ring
 algorithms NCCL and gloo use for large messages: an all-reduce of S bytes over G ranks sends
 2(G-1)/G * S per rank, an all-gather or reduce-scatter whose full tensor is S bytes sends
-(G-1)/G * S, a point-to-point send S.
+(G-1)/G * S, an all-to-all whose input is S bytes (G-1)/G * S, a point-to-point send S.
 """
 
 from __future__ import annotations
@@ -169,10 +169,20 @@ class CommCounter:
 def sent_bytes_by_group(counts: Dict[CommRecord, float],
                         inside: Optional[bool] = None) -> Dict[str, float]:
     """Bytes sent per group label (only inside/outside records if asked)."""
+    return _by_group(counts, inside, lambda r: r.sent_bytes)
+
+
+def calls_by_group(counts: Dict[CommRecord, float],
+                   inside: Optional[bool] = None) -> Dict[str, float]:
+    """Collectives issued per group label (only inside/outside records if asked)."""
+    return _by_group(counts, inside, lambda r: 1)
+
+
+def _by_group(counts, inside, per_call) -> Dict[str, float]:
     out: Dict[str, float] = defaultdict(float)
     for r, calls in counts.items():
         if inside is None or r.inside == inside:
-            out[r.group] += r.sent_bytes * calls
+            out[r.group] += per_call(r) * calls
     return dict(out)
 
 
@@ -239,3 +249,8 @@ def format_bytes(x: float, digits: int = 2, smallest: str = "B") -> str:
         if abs(x) < 1024 or unit == units[-1]:
             return f"{x:.0f} {unit}" if unit == "B" else f"{x:.{digits}f} {unit}"
         x /= 1024
+
+
+def format_calls(calls: Dict[str, float]) -> str:
+    """{group: collectives per layer and decode step} -> 'TP 4, dim-slice 2' ('none' if empty)."""
+    return ", ".join(f"{k} {v:g}" for k, v in calls.items()) or "none"

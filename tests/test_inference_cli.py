@@ -3,10 +3,11 @@
 import csv
 import dataclasses
 import json
+from collections import Counter
 
 import pytest
 
-from megatron_mxn.accounting import count_rows
+from megatron_mxn.accounting import calls_by_group, count_rows
 from megatron_mxn.megatron_lm.run_configs import load_config
 from megatron_mxn.analysis.cost_model import ModelShape, kv_cache_bytes, step_collectives, weight_bytes
 from megatron_mxn.analysis.planner import config_layouts
@@ -35,11 +36,17 @@ def test_ab_driver_writes_md_csv_png_with_identical_tokens(cpu_dense_ab):
         for metric in METRICS:
             assert float(got[metric]["median"]) > 0, (name, metric)
         assert float(got["sent_bytes_per_layer_step_TP"]["median"]) > 0
+        assert float(got["collectives_per_layer_step_TP"]["median"]) > 0
         assert int(got["tpot_median_s"]["n"]) == 2  # the repeats
     hashes = {r["median"] for r in rows if r["metric"] == "tokens_sha256"}
     assert len(hashes) == 1
     dim_slice = [r for r in rows if r["metric"] == "sent_bytes_per_layer_step_dim-slice"]
     assert [r["layout"] for r in dim_slice] == [GRID]  # only the grid has dim slices
+    # the positions cache's decode step: the new q/k/v all-gather and the combine's all-to-all
+    calls = [(r["layout"], float(r["median"])) for r in rows
+             if r["metric"] == "collectives_per_layer_step_dim-slice"]
+    assert calls == [(GRID, 2.0)], calls
+    assert "| collectives / layer / decode step |" in md
     kv = {r["layout"]: float(r["median"]) for r in rows if r["metric"] == "kv_cache_bytes_per_rank"}
     # TP=4 > 2 KV heads replicates; the positions cache holds the dims cache's bytes when m
     # divides the sequence length (prompt 24 + 16 new tokens)
@@ -70,6 +77,16 @@ def test_generation_reports_the_collectives_the_cost_model_predicts(cpu_dense_ab
             assert got["param_bytes"] == weight_bytes(model, layout, int(stage)), (name, stage)
             assert got["kv_cache_bytes"] == kv_cache_bytes(
                 model, layout, w["batch"], w["prompt_length"] + w["new_tokens"]), (name, stage)
+        # the collectives per layer and decode step, by group (the report: the most of any rank)
+        want: dict = {}
+        for stage in range(layout.pp):
+            decode = sum((step_collectives(model, layout, w["batch"], w["prompt_length"], k,
+                                           w["new_tokens"], stage)
+                          for k in range(1, w["new_tokens"])), Counter())
+            for group, calls in calls_by_group(decode, inside=True).items():
+                per = calls / ((w["new_tokens"] - 1) * (model.layers // layout.pp))
+                want[group] = max(want.get(group, 0.0), per)
+        assert report["comm_collectives_per_layer_per_decode_step"] == want, name
         log = (results / "ab" / "cpu_dense" / f"{name}.log").read_text()  # --mxn-log-comm
         assert "[mxn] collectives of rank 0" in log
         assert "[mxn] bytes sent by rank 0 per layer (prefill + all decode steps): layer 1: TP" \

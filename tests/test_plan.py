@@ -61,7 +61,7 @@ def test_kv_cache_sweep_shows_where_each_cache_wins(capsys):
     out = capsys.readouterr().out
     head = "| context | TP=8 PP=2 | TP=16 | grid 4x4 auto | grid 4x4 auto KV-by-position |"
     assert head in out and head.replace("| context |", "| context | batch |") + " fastest |" in out
-    assert "| 128K | 1 | 1.778* | 7.267* | 6.296 | 6.287 | grid 4x4 auto KV-by-position |" in out
+    assert "| 128K | 1 | 1.778* | 7.267* | 6.296 | 6.191 | grid 4x4 auto KV-by-position |" in out
     assert ("| 4K | 0.03 MiB / 4.00 MiB | 0.04 MiB / 8.00 MiB | 0.21 MiB / 4.00 MiB | "
             "0.03 MiB / 4.00 MiB |") in out
     assert ("| 128K | 0.03 MiB / 128.00 MiB | 0.04 MiB / 256.00 MiB | 6.03 MiB / 128.00 MiB | "

@@ -1,4 +1,5 @@
-"""Autograd-aware collectives used by the grid attention."""
+"""Collectives used by the grid attention: autograd-aware ones (training), and the plain
+all-to-all that combines the position-sharded cache's partial outputs (decode)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,19 @@ def all_to_all_rows(x: torch.Tensor, group: dist.ProcessGroup, send_rows, recv_r
     """Differentiable all-to-all of row blocks (`send_rows[r]` rows of x go to rank r;
     `recv_rows[r]` rows come from rank r, in rank order)."""
     return _AllToAll.apply(x, group, tuple(send_rows), tuple(recv_rows))
+
+
+@torch.no_grad()
+def exchange_dim_slices_with_lse(partial: torch.Tensor, lse: torch.Tensor,
+                                 group: dist.ProcessGroup):
+    """One all-to-all over the m ranks of `group` (decode: no autograd): each rank's partial
+    output `partial` [b, h, s, d] and its log-sum-exp `lse` [b, h, s] -> for this rank k, dims k
+    of every rank's partial [m, b, h, s, d/m] and every rank's lse [m, b, h, s] (fp32, rank
+    order). Rank j sends rank k one fp32 block [b, h, s, d/m + 1]: its dims k and its lse."""
+    m = dist.get_world_size(group)
+    b, h, s, d = partial.shape
+    dims = partial.float().reshape(b, h, s, m, d // m).permute(3, 0, 1, 2, 4)
+    send = torch.cat([dims, lse.float().expand(m, b, h, s).unsqueeze(-1)], dim=-1).contiguous()
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    return received[..., :-1], received[..., -1]

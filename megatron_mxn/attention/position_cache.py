@@ -10,9 +10,13 @@ j of a dim-slice group keeps the full-d, rotated K and V of the positions p with
    dims; the owners of the new positions append their k and v;
 2. every rank attends the queries to its own positions: a partial output O_j and its
    log-sum-exp L_j (fp32);
-3. the exact combination O = sum_j exp(L_j - L) O_j with L = logsumexp_j L_j takes an
-   all-gather of the L_j (b*h/n*s_q floats) and a reduce-scatter of the weighted O_j over the
-   dims, which leaves rank j with dims j of O: the layout linear_proj expects.
+3. the exact combination O = sum_j exp(L_j - L) O_j with L = logsumexp_j L_j takes one
+   all-to-all: rank j sends rank k dims k of O_j together with L_j (one fp32 block of
+   b*h/n*s_q*(d/m + 1) floats per destination), and rank k weighs the m pieces it receives
+   itself, which leaves it dims k of O: the layout linear_proj expects.
+
+Two collectives per layer and step. The all-gather of step 1 cannot carry anything else: it
+runs before attention, when nothing of the combination exists yet.
 
 Bytes per layer and step: O(b*(h/n + 2g')*d), independent of s_k. A prefill into an empty cache
 runs the layer's training schedule (core.prefill returns the K/V with all dims: the ones the
@@ -34,6 +38,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
 
 from megatron_mxn.attention import kernels
+from megatron_mxn.attention.collectives import exchange_dim_slices_with_lse
 from megatron_mxn.attention.mask import MaskSpec
 from megatron_mxn.attention.schedules import AUTO, KVCache, ScoreShape, decide_kv_cache
 
@@ -103,17 +108,15 @@ def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: to
         q.permute(1, 2, 0, 3), k_own.permute(1, 2, 0, 3), v_own.permute(1, 2, 0, 3),
         scale=scale, mask=masked)  # [b, hq, sq, d], [b, hq, sq]
 
-    # Exact combination: weights exp(L_j - L); rank j keeps dims j of the weighted sum.
-    lses = lse.new_empty((m * lse.size(0), *lse.shape[1:]))
-    dist.all_gather_into_tensor(lses, lse.contiguous(), group=group)
-    total = torch.logsumexp(lses.view(m, *lse.shape), dim=0)
+    # Exact combination, in one all-to-all: rank k receives dims k of every O_i with its L_i
+    # and weighs them by exp(L_i - L) itself, which leaves it dims k of O.
+    pieces, lses = exchange_dim_slices_with_lse(  # [m, b, hq, sq, dl], [m, b, hq, sq]
+        partial, lse, group)
+    total = torch.logsumexp(lses, dim=0)
     if sink is not None:  # once per head, not once per rank
         total = torch.logaddexp(total, sink.float().view(1, hq, 1))
-    weight = torch.exp(lse - total).nan_to_num(0.0)
-    weighted = (partial * weight.unsqueeze(-1)).reshape(b, hq, sq, m, dl)
-    out = weighted.new_empty(sq, b, hq, dl)
-    dist.reduce_scatter_tensor(out, weighted.permute(3, 2, 0, 1, 4).reshape(m * sq, b, hq, dl),
-                               group=group)
+    weight = torch.exp(lses - total).nan_to_num(0.0)  # (no visible key anywhere: 0)
+    out = (pieces * weight.unsqueeze(-1)).sum(dim=0).permute(2, 0, 1, 3)  # [sq, b, hq, dl]
     return out.to(query.dtype).reshape(sq, b, hq * dl)
 
 

@@ -56,7 +56,8 @@ class ScoreShape:
 
 def sent_bytes(op: str, payload: int, group_size: int) -> float:
     """Bytes one rank sends in one call (ring algorithms; payload = the all-reduce's tensor,
-    the all-gather's output, the reduce-scatter's input, the message of a send)."""
+    the all-gather's output, the reduce-scatter's input, the all-to-all's input, the
+    message of a send)."""
     if group_size <= 1:
         return 0.0
     if op == "all_reduce":
@@ -342,11 +343,10 @@ class PositionsCache(KVCache):
             fill = [] if schedule.hands_over_kv else [
                 ("all_gather", s.sk * s.batch * s.kv_heads * d * s.elem_bytes)] * 2
             return schedule.collectives(s) + fill
-        # all-gather of the new q, k, v dims, of the fp32 log-sum-exps, reduce-scatter of the
-        # weighted fp32 partial outputs: none depends on s_k
+        # all-gather of the new q, k, v dims; one all-to-all of the fp32 partial outputs, each
+        # destination's dims packed with the log-sum-exps: neither depends on s_k
         return [("all_gather", s.sq * s.batch * (s.heads + 2 * s.kv_heads) * d * s.elem_bytes),
-                ("all_gather", m * s.batch * s.heads * s.sq * 4),
-                ("reduce_scatter", s.sq * s.batch * s.heads * d * 4)]
+                ("all_to_all", m * s.batch * s.heads * s.sq * (s.slice_dim + 1) * 4)]
 
     def held(self, context: int, head_dim: int, dim_slices: int) -> Tuple[int, int]:
         return -(-context // dim_slices), head_dim

@@ -3,7 +3,7 @@ loads the model, then hands it here): an untimed warm-up, `--repeats` timed gene
 first counted collective by collective), every rank's numbers gathered, and rank 0's report as
 JSON (`--output-json`) and as a table (`format_report`): time to first token, time per output
 token (mean, median, p90), output and total tokens/s, KV-cache bytes and peak memory per rank,
-and the bytes each group sends per layer and decode step."""
+and the bytes each group sends and the collectives it issues per layer and decode step."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from collections import Counter
 from megatron_mxn.accounting import (
     CommCounter,
     bytes_by_layer,
+    calls_by_group,
     count_rows,
     counts_table,
     format_bytes,
+    format_calls,
     group_labels,
     sent_bytes_by_group,
 )
@@ -86,6 +88,8 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
         "peak_memory_bytes": peak_memory_bytes(),
         "comm_per_layer": {k: v / (decode_steps * len(layers))
                            for k, v in sent_bytes_by_group(decode, inside=True).items()},
+        "calls_per_layer": {k: v / (decode_steps * len(layers))
+                            for k, v in calls_by_group(decode, inside=True).items()},
         "comm_per_step_outside_layers": {
             k: v / decode_steps for k, v in sent_bytes_by_group(decode, inside=False).items()},
         "ttft_s": [r.ttft_s for r in runs],
@@ -127,6 +131,8 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
         "peak_memory_bytes_per_rank": max(r["peak_memory_bytes"] for r in everyone),
         "peak_memory_kind": "CUDA peak allocated" if not cpu else "peak RSS of the process",
         "comm_bytes_per_layer_per_decode_step": _max_by_key(r["comm_per_layer"] for r in everyone),
+        "comm_collectives_per_layer_per_decode_step": _max_by_key(
+            r["calls_per_layer"] for r in everyone),
         "comm_bytes_per_decode_step_outside_layers": _max_by_key(
             r["comm_per_step_outside_layers"] for r in everyone),
         "tokens_sha256": last["tokens_sha256"],
@@ -236,6 +242,8 @@ def format_report(r: dict) -> str:
         ("peak memory / rank", f"{format_bytes(r['peak_memory_bytes_per_rank'])} "
                                f"({r['peak_memory_kind']})"),
         ("sent / layer / decode step / rank", comm),
+        ("collectives / layer / decode step", format_calls(
+            r["comm_collectives_per_layer_per_decode_step"])),
         ("sent / decode step outside layers", outside),
     ]
     width = max(len(k) for k, _ in rows)

@@ -201,6 +201,12 @@ def _kib(x: float) -> str:
     return format_bytes(x, smallest="KiB")
 
 
+def _calls(calls: dict) -> str:
+    from megatron_mxn.accounting import format_calls  # (imports torch: not at start-up)
+
+    return format_calls(calls)
+
+
 def model_table(model: str, reports: Dict[str, Optional[dict]],
                 skipped: Optional[Dict[str, str]] = None) -> List[str]:
     """Markdown lines for one model (and prompt length): the layouts' metrics, identical
@@ -215,7 +221,7 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
                   "(excluded). Cells: median [min-max] over the repeats.", ""]
     head = ["layout"] + [f"{t} ({u})" if u else t for _, t, _, u, _ in METRICS] + [
         "KV cache / rank", "peak mem / rank", "sent / layer / decode step / rank",
-        "tokens = baseline"]
+        "collectives / layer / decode step", "tokens = baseline"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_hash = ok.get("baseline", {}).get("tokens_sha256")
     for name, r in reports.items():
@@ -234,7 +240,7 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
                 else "yes" if r["tokens_sha256"] == base_hash else "NO")
         lines.append(f"| {r['layout']['name']} | " + " | ".join(
             cells + [_kib(r["kv_cache_bytes_per_rank"]), _kib(r["peak_memory_bytes_per_rank"]),
-                     comm, same]) + " |")
+                     comm, _calls(r["comm_collectives_per_layer_per_decode_step"]), same]) + " |")
     lines.append("")
     for name, why in (skipped or {}).items():
         lines.append(f"Skipped {name}: {why}.")
@@ -271,6 +277,8 @@ def write_csv(path: Path, results: Dict[str, Dict[str, Optional[dict]]],
                     out.writerow(row + [key, r[key], r[key], r[key], 1])
                 for group, v in r["comm_bytes_per_layer_per_decode_step"].items():
                     out.writerow(row + [f"sent_bytes_per_layer_step_{group}", v, v, v, 1])
+                for group, v in r["comm_collectives_per_layer_per_decode_step"].items():
+                    out.writerow(row + [f"collectives_per_layer_step_{group}", v, v, v, 1])
                 out.writerow(row + ["tokens_sha256", r["tokens_sha256"], "", "", 1])
 
 
