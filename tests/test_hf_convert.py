@@ -6,6 +6,7 @@ every refusal. Tiny local models of each family (tests/cases/hf.py); nothing is 
 import copy
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -52,12 +53,35 @@ def test_round_trip_is_bit_identical_and_tp1_logits_match_transformers(models, c
 @pytest.mark.parametrize("family,n,m", [("mixtral", 2, 2), ("qwen3", 1, 4), ("mistral", 2, 2),
                                         ("llama", 1, 4)])
 def test_grid_loads_the_converted_checkpoint_and_matches_transformers(pool4, models,
-                                                                    checkpoints, family, n, m):
+                                                                    checkpoints, tmp_path,
+                                                                    family, n, m):
     hf_dir, _, expected = models[family]
+    save = str(tmp_path / "grid") if family == "mixtral" else ""
     errors = pool4.run(hf.grid_logits_vs_hf, hf_dir=hf_dir, ckpt=checkpoints[family][0], n=n,
-                       m=m, expected=expected)
+                       m=m, expected=expected, save=save)
     print(f"{family} grid {n}x{m}: logits vs transformers {max(errors):.2e}")
     assert max(errors) <= TOLERANCE
+    if save:  # out again: the grid's own checkpoint (TP=4) back to HF, bit-identical
+        [r] = get_pool(1).run(hf.back_and_logits, hf_dir=hf_dir, ckpt=save,
+                              out_dir=str(tmp_path / "out"), expected=expected)
+        assert r["same_keys"] and r["different"] == [], r["different"]
+
+
+@pytest.mark.uses_pool
+def test_bf16_round_trip_is_bit_identical(tmp_path):
+    hf_dir = str(tmp_path / "hf")
+    hf.make_hf_model("qwen3", hf_dir, dtype=torch.bfloat16)
+    pool = get_pool(1)
+    flags = pool.run(hf.convert_only, hf_dir=hf_dir, ckpt=str(tmp_path / "mg"))[0]
+    truth = hf.hf_logits(hf_dir, hf.tokens())  # the bf16 weights, computed in fp32
+    [r] = pool.run(hf.back_and_logits, hf_dir=hf_dir, ckpt=str(tmp_path / "mg"),
+                   out_dir=str(tmp_path / "out"), expected=truth)
+    assert "--bf16" in flags
+    assert r["same_keys"] and r["different"] == [], r["different"]
+    hf_bf16 = hf.rel_err(hf.hf_logits(hf_dir, hf.tokens(), dtype=torch.bfloat16), truth)
+    print(f"qwen3 bf16 vs fp32 logits: megatron TP=1 {r['logits_err']:.2e}, "
+          f"transformers {hf_bf16:.2e}")
+    assert r["logits_err"] <= 2e-2
 
 
 @pytest.mark.uses_pool
@@ -66,6 +90,26 @@ def test_tokenizer_loads_in_megatron_and_other_models_are_refused(models, checkp
                         other_dir=models["qwen3"][0], ckpt=checkpoints["llama"][0])[0]
     assert r["same_ids"] and r["vocab"] == hf.VOCAB
     assert "qk_layernorm: checkpoint False, HF config True" in r["mismatch"]
+
+
+@pytest.mark.uses_pool
+def test_command_line_converts_both_ways_and_prints_the_flags(models, tmp_path):
+    hf_dir, cfg, _ = models["mistral"]
+    ckpt, out = tmp_path / "mg", tmp_path / "out"
+    pool = get_pool(1)
+    [to_mg] = pool.run(hf.command_line, argv=["hf-to-megatron", "--hf-dir", hf_dir,
+                                              "--save", str(ckpt)])
+    assert to_mg["status"] == 0, to_mg["stderr"]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+    assert "Megatron model flags: " + " ".join(megatron_flags(cfg)) in to_mg["stdout"]
+    [to_hf] = pool.run(hf.command_line, argv=["megatron-to-hf", "--load", str(ckpt),
+                                              "--hf-dir", hf_dir, "--save-hf", str(out)])
+    assert to_hf["status"] == 0 and (out / "model.safetensors").exists(), to_hf["stderr"]
+    [refused] = pool.run(hf.command_line, argv=["megatron-to-hf", "--load", str(ckpt),
+                                                "--hf-dir", models["mixtral"][0],
+                                                "--save-hf", str(tmp_path / "no")])
+    assert refused["status"] == 2 and "num_experts: checkpoint None, HF config 4" in \
+        refused["stderr"]
 
 
 def test_printed_flags():

@@ -25,6 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(opts) -> int:
+    """Run one parsed command in a world of one rank at TP=1; print what it wrote and the
+    model's Megatron flags (or the refusal, exit status 2)."""
+    from megatron_mxn.convert import convert
+    from megatron_mxn.convert.hf_config import ConversionError
+
+    try:
+        if opts.command == "hf-to-megatron":
+            flags = convert.hf_to_megatron(opts.hf_dir, opts.save)
+            done = f"wrote Megatron checkpoint {opts.save} (release)"
+        else:
+            flags = convert.megatron_to_hf(opts.load, opts.hf_dir, opts.save_hf)
+            done = f"wrote HF model {opts.save_hf}"
+    except ConversionError as e:
+        print(f"megatron_mxn.convert: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(done, flush=True)
+    print("Megatron model flags: " + " ".join(flags), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from megatron_mxn.cpu.launch import free_port
@@ -34,8 +55,6 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     import megatron_mxn.cpu
-    from megatron_mxn.convert import convert
-    from megatron_mxn.convert.hf_config import ConversionError
     from megatron_mxn.grid.groups import clean_shutdown
 
     megatron_mxn.cpu.enable(training=True)
@@ -47,20 +66,9 @@ def main(argv=None) -> int:
         parallel_state.initialize_model_parallel(1, 1)
         model_parallel_cuda_manual_seed(0)
         try:
-            if opts.command == "hf-to-megatron":
-                flags = convert.hf_to_megatron(opts.hf_dir, opts.save)
-                done = f"wrote Megatron checkpoint {opts.save} (release)"
-            else:
-                flags = convert.megatron_to_hf(opts.load, opts.hf_dir, opts.save_hf)
-                done = f"wrote HF model {opts.save_hf}"
-        except ConversionError as e:
-            print(f"megatron_mxn.convert: {e}", file=sys.stderr, flush=True)
-            return 2
+            return run(opts)
         finally:
             parallel_state.destroy_model_parallel()
-    print(done, flush=True)
-    print("Megatron model flags: " + " ".join(flags), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -76,9 +76,10 @@ def randomize(model, seed: int) -> None:
         p.copy_(1 + 0.2 * noise if "norm" in name else 0.05 * noise)
 
 
-def make_hf_model(family: str, out_dir: str, seed: int = 0) -> dict:
-    """Write a tiny `family` model (float32, random weights) with its tokenizer to out_dir, as
-    save_pretrained does; returns its config as a dict."""
+def make_hf_model(family: str, out_dir: str, seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> dict:
+    """Write a tiny `family` model (random weights, float32 unless `dtype`) with its tokenizer
+    to out_dir, as save_pretrained does; returns its config as a dict."""
     from transformers import AutoModelForCausalLM
 
     os.makedirs(out_dir, exist_ok=True)
@@ -87,6 +88,7 @@ def make_hf_model(family: str, out_dir: str, seed: int = 0) -> dict:
     config.bos_token_id = config.eos_token_id = tok.convert_tokens_to_ids(EOS)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, seed)
+    model = model.to(dtype)
     model.save_pretrained(out_dir)
     return config.to_dict()
 
@@ -96,10 +98,12 @@ def tokens(batch: int = 2, seed: int = 5) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hf_logits(hf_dir: str, ids: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+    """transformers' logits (eager attention), computed in `dtype` (weights cast to it)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype,
                                                  attn_implementation="eager").eval()
     return model(ids).logits.float()
 
@@ -176,6 +180,20 @@ def hf_files_config(hf_dir: str) -> dict:
     return hf_files.read_config(hf_dir)
 
 
+def command_line(argv: List[str]) -> dict:
+    """megatron_mxn.convert's command `argv` (parsed and run as __main__ does, in this world
+    of one rank): its exit status and output."""
+    import io
+
+    from megatron_mxn.convert.__main__ import build_parser, run
+
+    _tp1()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = run(build_parser().parse_args(argv))
+    return {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
 def convert_only(hf_dir: str, ckpt: str) -> List[str]:
     from megatron_mxn.convert import convert
 
@@ -197,12 +215,14 @@ def microbatches(args):
         calc.destroy_num_microbatches_calculator()
 
 
-def grid_logits_vs_hf(hf_dir: str, ckpt: str, n: int, m: int, expected: torch.Tensor) -> float:
+def grid_logits_vs_hf(hf_dir: str, ckpt: str, n: int, m: int, expected: torch.Tensor,
+                      save: str = "") -> float:
     """On n*m ranks: the grid model built from the converted flags the way the entry points
     build it, loaded with megatron.training's load_checkpoint (`--load ckpt`), vs
-    transformers' logits `expected`."""
+    transformers' logits `expected`. With `save`, the grid then saves it there (iteration 1)
+    with megatron.training's save_checkpoint, as a training run would."""
     from megatron.core import tensor_parallel
-    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.checkpointing import load_checkpoint, save_checkpoint
 
     import megatron_mxn
     import megatron_mxn.cpu
@@ -213,8 +233,9 @@ def grid_logits_vs_hf(hf_dir: str, ckpt: str, n: int, m: int, expected: torch.Te
 
     megatron_mxn.cpu.enable(training=True)
     cfg = hf_files.read_config(hf_dir)
+    saving = ["--save", save, "--save-interval", "1"] if save else []
     args = convert.hf_args(cfg, ["--tensor-model-parallel-size", str(n * m),
-                                 "--mxn-dim-slices", str(m), "--load", ckpt],
+                                 "--mxn-dim-slices", str(m), "--load", ckpt, *saving],
                            extra_args_provider=add_mxn_args)
     pgs = megatron_mxn.initialize_mxn_parallel(n, m, create_gloo_process_groups=False)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -227,4 +248,7 @@ def grid_logits_vs_hf(hf_dir: str, ckpt: str, n: int, m: int, expected: torch.Te
     with torch.no_grad():
         local = model.eval()(ids, torch.arange(SEQ).expand_as(ids), None)
         full = tensor_parallel.gather_from_tensor_model_parallel_region(local, group=pgs.tp)
+    if save:
+        with global_args(args), microbatches(args):
+            save_checkpoint(1, [model], None, None, 0)
     return rel_err(full, expected)
