@@ -13,6 +13,7 @@ from megatron_mxn.convert.megatron_model import build_model, global_args
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
+
 def save_release(model, args) -> str:
     """Save `model` (TP=1, this process's world of one) to args.save as Megatron's 'release'
     checkpoint, with `args` as the checkpoint's args. Returns the step directory."""

@@ -19,6 +19,11 @@ FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
+# Biases megatron cannot give alone: it biases every linear layer (--add-bias-linear) or QKV only.
+BIASES = {"attention_bias": "biases q/k/v and o_proj; megatron's --add-qkv-bias biases QKV "
+                            "only, --add-bias-linear the MLP too",
+          "mlp_bias": "megatron's --add-bias-linear would bias attention too"}
+
 DTYPE_FLAGS = {"float32": None, "bfloat16": "--bf16", "float16": "--fp16"}
 
 Flag = Union[bool, int, float, str]
@@ -60,12 +65,9 @@ def _check_family(cfg: dict) -> str:
                       f"{', '.join(FAMILIES)})")
     if cfg.get("hidden_act", "silu") != "silu":
         raise _refuse("hidden_act", cfg["hidden_act"], "megatron's --swiglu is SiLU-gated")
-    for field in ("attention_bias", "mlp_bias"):
+    for field, why in BIASES.items():
         if cfg.get(field):
-            raise _refuse(field, True, "megatron biases either every linear layer "
-                          "(--add-bias-linear) or only QKV (--add-qkv-bias); this config "
-                          "biases q/k/v and o_proj" if field == "attention_bias" else
-                          "megatron's --add-bias-linear also biases attention")
+            raise _refuse(field, True, why)
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
         raise _refuse("partial_rotary_factor", cfg["partial_rotary_factor"],
                       "not mapped (megatron's --rotary-percent rotates the leading dims; "
