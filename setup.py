@@ -12,5 +12,10 @@ setup(
         "psutil",  # dist-checkpointing's writer logs process memory through it
         "PyYAML",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        # megatron_mxn.convert reads/writes safetensors; transformers and tokenizers are the
+        # reference of its tests and Megatron's HuggingFaceTokenizer
+        "hf": ["safetensors>=0.4", "transformers>=5.0", "tokenizers>=0.21"],
+    },
 )

@@ -1,7 +1,7 @@
 """The import-layer contract of megatron_mxn: layers that only point down.
 
     base (patching) -> grid -> attention -> runtime (cpu/, accounting) ->
-        entry points (inference/, megatron_lm/) -> analysis -> tools
+        entry points (inference/, megatron_lm/, convert/) -> analysis -> tools
 
 A module may import (at module level or inside a function) only modules of its own layer or of
 the layers before it; the packages of one layer (inference and megatron_lm, cpu and accounting)
@@ -29,8 +29,9 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     # What a process runs beside the model: CPU mode, and the collective counter the entry
     # points and the analysis share.
     ("runtime", ("megatron_mxn.cpu", "megatron_mxn.accounting")),
-    # Siblings: inference/generate.py uses megatron_lm's flags and configs, never the reverse.
-    ("entry", ("megatron_mxn.inference", "megatron_mxn.megatron_lm")),
+    # Siblings: inference/generate.py uses megatron_lm's flags and configs, never the reverse;
+    # the HF converter (convert/) imports neither, so both may use its config mapping.
+    ("entry", ("megatron_mxn.inference", "megatron_mxn.megatron_lm", "megatron_mxn.convert")),
     ("analysis", ("megatron_mxn.analysis",)),  # the cost model and the planner's model
     # Tools, imported by nothing in the library: the A/B driver (scripts/ab_compare.py), the
     # planner's report writers and CLI (python -m megatron_mxn.tools.plan) and the demo

@@ -48,13 +48,21 @@ def test_python_example_builds_the_grid_model(request):
 
 
 def _options(parser: argparse.ArgumentParser) -> set:
-    return {o for action in parser._actions for o in action.option_strings}
+    """Every option string of the parser and of its sub-commands' parsers."""
+    out = set()
+    for action in parser._actions:
+        out |= set(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _options(sub)
+    return out
 
 
 def _known_flags():
     from torch.distributed.run import get_args_parser
 
     from megatron_mxn.tools import ab_compare
+    from megatron_mxn.convert.__main__ import build_parser as convert_parser
     from megatron_mxn.megatron_lm.run_configs import megatron_option_strings
     from megatron_mxn.inference.generate_flags import GENERATE
     from megatron_mxn.megatron_lm import add_mxn_args
@@ -64,13 +72,15 @@ def _known_flags():
     generate = megatron | _options(GENERATE)
     ab = set(re.findall(r'add_argument\("(--[a-z-]+)"', Path(ab_compare.__file__).read_text()))
     return {"torchrun": _options(get_args_parser()), "pretrain_gpt": megatron,
-            "generate": generate, "ab_compare": ab | generate}
+            "generate": generate, "ab_compare": ab | generate,
+            "convert": _options(convert_parser())}
 
 
 SCRIPTS = {"scripts/pretrain_gpt_mxn.py": "pretrain_gpt",
            "scripts/pretrain_hybrid_mxn.py": "pretrain_gpt", "megatron_mxn.megatron_lm.pretrain_gpt":
            "pretrain_gpt", "scripts/generate_mxn.py": "generate",
-           "megatron_mxn.inference.generate": "generate", "scripts/ab_compare.py": "ab_compare"}
+           "megatron_mxn.inference.generate": "generate", "scripts/ab_compare.py": "ab_compare",
+           "megatron_mxn.convert": "convert"}
 
 
 def test_shell_examples_use_known_flags():
