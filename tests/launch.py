@@ -96,6 +96,17 @@ def fork_ranks(script: str, nproc: int, args: List[str], workdir: Path, timeout:
     return failed[0] if failed else 0
 
 
+def read_rank_logs(logs: Path) -> Dict[int, str]:
+    """Each rank's stdout + stderr from a log folder laid out as torchrun's --log-dir (the
+    zygote writes the same layout)."""
+    rank_logs: Dict[int, str] = {}
+    for path in sorted(glob.glob(str(logs / "**" / "attempt_*" / "*" / "std*.log"),
+                                 recursive=True)):
+        rank = int(Path(path).parent.name)
+        rank_logs[rank] = rank_logs.get(rank, "") + Path(path).read_text()
+    return rank_logs
+
+
 def torchrun(script: str, nproc: int, args: List[str], workdir: Path, timeout: int = 300,
              metrics: bool = True, pythonpath: str = str(REPO), real: bool = False) -> Run:
     """Run `script` (a repository path, or "-m module") on `nproc` CPU ranks; per-rank logs
@@ -116,10 +127,7 @@ def torchrun(script: str, nproc: int, args: List[str], workdir: Path, timeout: i
         code, output = proc.returncode, proc.stdout + proc.stderr
     else:
         code, output = fork_ranks(script, nproc, args, workdir, timeout), ""
-    rank_logs = {}
-    for path in glob.glob(str(logs / "**" / "attempt_*" / "*" / "std*.log"), recursive=True):
-        rank = int(Path(path).parent.name)
-        rank_logs[rank] = rank_logs.get(rank, "") + Path(path).read_text()
+    rank_logs = read_rank_logs(logs)
     rows = []
     if metrics_file.exists():
         rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
@@ -133,11 +141,7 @@ def run_ranks_apart(script: str, nproc: int, args: List[str], workdir: Path,
     an error is raised on every rank, not only on the first to reach it."""
     workdir.mkdir(parents=True, exist_ok=True)
     code = fork_ranks(script, nproc, args, workdir, timeout, apart=True)
-    rank_logs = {}
-    for rank in range(nproc):
-        folder = workdir / "logs" / "zygote" / "attempt_0" / str(rank)
-        rank_logs[rank] = "".join((folder / f).read_text() for f in ("stdout.log", "stderr.log"))
-    return Run(code, "", rank_logs, [])
+    return Run(code, "", read_rank_logs(workdir / "logs"), [])
 
 
 def rel_diff(a: Dict[int, float], b: Dict[int, float]) -> float:

@@ -134,8 +134,7 @@ def resolve_mxn_args(args: argparse.Namespace) -> argparse.Namespace:
     if not standard_attention(getattr(args, "mxn_attention", "auto")) and m > 1 and \
             os.environ.get("RANK", "0") == "0":
         print(f"> mxn WARNING: --mxn-attention {args.mxn_attention} is not standard attention "
-              f"(sliced: the seed paper's per-slice softmax), a "
-              f"different model from standard attention ({args.num_attention_heads} x {m} "
+              f"(sliced: the seed paper's per-slice softmax, {args.num_attention_heads} x {m} "
               f"heads of kv_channels/{m} dims); it is not equivalent to TP or the exact grid "
               "and its checkpoints do not load into them", flush=True)
     if m > 1 and getattr(args, "apply_rope_fusion", False):

@@ -35,7 +35,7 @@ def mxn_gpt_config_from_args(args, model_config_cls=None):
     cfg = gpt_config_from_args(args, config=config,
                                model_config_cls=model_config_cls or MxnGPTModelConfig)
     if args.mxn_dim_slices > 1:
-        cfg.transformer_layer_spec = GridLayerSpec(args.mxn_head_groups, args.mxn_dim_slices,
+        cfg.transformer_layer_spec = GridLayerSpec(args.mxn_dim_slices,
                                                    cfg.transformer_layer_spec)
     return cfg
 
@@ -56,8 +56,8 @@ class GridLayerSpec:
     """`GPTModelConfig.transformer_layer_spec` callable: the base spec (megatron's default for
     the config when none) with the grid attention. Pure: the builder made the groups first."""
 
-    def __init__(self, head_groups: int, dim_slices: int, base=None):
-        self.head_groups, self.dim_slices, self.base = head_groups, dim_slices, base
+    def __init__(self, dim_slices: int, base=None):
+        self.dim_slices, self.base = dim_slices, base
 
     def __call__(self, model_config, vp_stage: Optional[int] = None):
         from megatron.training.models.gpt import default_layer_spec
