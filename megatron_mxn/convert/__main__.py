@@ -7,7 +7,6 @@ model is megatron-core's local-spec GPTModel at TP=1 whatever machine runs it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -48,17 +47,11 @@ def run(opts) -> int:
 
 def main(argv=None) -> int:
     opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from megatron_mxn.cpu.launch import free_port
+    from megatron_mxn.cpu.launch import bootstrap_rank, free_port
 
-    os.environ.update(CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    import torch.distributed as dist
-
-    import megatron_mxn.cpu
+    bootstrap_rank(0, 1, free_port(), training=True)
     from megatron_mxn.grid.groups import clean_shutdown
 
-    megatron_mxn.cpu.enable(training=True)
-    dist.init_process_group("gloo", rank=0, world_size=1)
     with clean_shutdown():
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed

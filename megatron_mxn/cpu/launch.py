@@ -21,9 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bootstrap_rank(rank: int, world: int, port: int) -> None:
-    """Make this process rank `rank` of a `world`-rank gloo world on loopback, in CPU mode:
-    the one start-up shared by run_on_cpu_ranks and the test worker pool (tests/pool.py)."""
+def bootstrap_rank(rank: int, world: int, port: int, training: bool = False) -> None:
+    """Make this process rank `rank` of a `world`-rank gloo world on loopback, in CPU mode
+    (with megatron.training's patches when `training`): the one start-up shared by
+    run_on_cpu_ranks, the test worker pool (tests/pool.py) and the HF converter's one rank."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
     import torch
@@ -31,7 +32,7 @@ def bootstrap_rank(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     import megatron_mxn.cpu
 
-    megatron_mxn.cpu.enable()
+    megatron_mxn.cpu.enable(training=training)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
