@@ -142,16 +142,3 @@ def test_the_kv_cache_choice_is_kept_per_context_not_on_it():
     del short
     gc.collect()
     assert key not in runs and id(engine) in runs
-
-
-def test_worker_ranks_keep_no_threads_of_destroyed_groups(pool4, tmp_path):
-    """The pool's reset (tests/pool.py) leaves no gloo threads of the case's process groups
-    behind: without its gc.collect a rank kept the gloo threads of every group of every case
-    (hundreds over a session, all competing for 2 cores). Measured after two decode cases:
-    18 threads per rank with the collect, 21 without; after a session's first dozen training
-    cases, 24 against 84 (so the bound has room but not for a leak)."""
-    for k in range(2):
-        (tmp_path / str(k)).mkdir()
-        pool4.run(runtime.decode_matches_tp1, ckpt_dir=str(tmp_path / str(k)), n=2, m=2, steps=1)
-    counts = pool4.run(runtime.thread_count)
-    assert max(counts) <= 40, counts

@@ -198,9 +198,3 @@ def attention_attributes():
     mxn = grid.module(config, grid.submodules, 1, pg_collection=pgs, **grid.params)
     teardown()
     return sorted(set(vars(stock)) - set(vars(mxn)))
-
-
-def thread_count() -> int:
-    import os
-
-    return len(os.listdir("/proc/self/task"))
