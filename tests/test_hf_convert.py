@@ -19,11 +19,15 @@ TOLERANCE = 1e-4  # max |megatron - transformers| / max |transformers| of the fp
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """family -> (HF directory, its config dict, transformers' logits of hf.tokens()), written
-    once per module."""
+    """family -> (HF directory, its config dict, transformers' logits of hf.tokens(),
+    transformers' greedy tokens of hf.PROMPTS), written once per module."""
     root = tmp_path_factory.mktemp("hf")
-    return {f: (str(root / f), hf.make_hf_model(f, str(root / f)),
-                hf.hf_logits(str(root / f), hf.tokens())) for f in hf.FAMILIES}
+    out = {}
+    for f in hf.FAMILIES:
+        d = str(root / f)
+        cfg = hf.make_hf_model(f, d)
+        out[f] = (d, cfg, hf.hf_logits(d, hf.tokens()), hf.hf_greedy(d, hf.prompt_ids(d)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -32,39 +36,65 @@ def checkpoints(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron")
     pool = get_pool(1)
     return {f: (str(root / f), pool.run(hf.convert_only, hf_dir=d, ckpt=str(root / f))[0])
-            for f, (d, _, _) in models.items()}
+            for f, (d, *_) in models.items()}
+
+
+def greedy_kwargs(hf_dir: str, cfg: dict) -> dict:
+    return {"prompts": hf.prompt_ids(hf_dir), "eos": cfg["eos_token_id"]}
 
 
 @pytest.mark.uses_pool
 @pytest.mark.parametrize("family", list(hf.FAMILIES))
-def test_round_trip_is_bit_identical_and_tp1_logits_match_transformers(models, checkpoints,
-                                                                      tmp_path, family):
-    hf_dir, cfg, expected = models[family]
+def test_round_trip_is_bit_identical_and_tp1_matches_transformers(models, checkpoints,
+                                                                  tmp_path, family):
+    """Round trip bit for bit; megatron-core's TP=1 model: logits and greedy tokens."""
+    hf_dir, cfg, expected, greedy = models[family]
     ckpt, flags = checkpoints[family]
     [r] = get_pool(1).run(hf.back_and_logits, hf_dir=hf_dir, ckpt=ckpt,
-                          out_dir=str(tmp_path / "out"), expected=expected)
+                          out_dir=str(tmp_path / "out"), expected=expected,
+                          **greedy_kwargs(hf_dir, cfg))
     assert r["same_keys"] and r["different"] == [], r["different"]
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(r["side_files"])
-    print(f"{family}: TP=1 logits vs transformers {r['logits_err']:.2e}")
+    print(f"{family}: TP=1 logits vs transformers {r['logits_err']:.2e}, greedy {greedy}")
     assert r["logits_err"] <= TOLERANCE
+    assert r["tokens"] == greedy
     assert flags == megatron_flags(cfg)
 
 
-@pytest.mark.parametrize("family,n,m", [("mixtral", 2, 2), ("qwen3", 1, 4), ("mistral", 2, 2),
-                                        ("llama", 1, 4)])
+def check_grid(results, greedy, m: int, what: str) -> None:
+    """Every rank's logits within TOLERANCE; the last stage's greedy tokens with both KV
+    caches (dims only at m = 1) equal to transformers'."""
+    err = max(r["logits_err"] for r in results)
+    print(f"{what}: logits vs transformers {err:.2e}")
+    assert err <= TOLERANCE
+    caches = results[0]["tokens"]
+    assert sorted(caches) == (["dims", "positions"] if m > 1 else ["dims"])
+    for cache, got in caches.items():
+        assert got == greedy, (what, cache)
+
+
+@pytest.mark.parametrize("n,m", [(2, 2), (1, 4)])
+@pytest.mark.parametrize("family", list(hf.FAMILIES))
 def test_grid_loads_the_converted_checkpoint_and_matches_transformers(pool4, models,
                                                                     checkpoints, tmp_path,
                                                                     family, n, m):
-    hf_dir, _, expected = models[family]
-    save = str(tmp_path / "grid") if family == "mixtral" else ""
-    errors = pool4.run(hf.grid_logits_vs_hf, hf_dir=hf_dir, ckpt=checkpoints[family][0], n=n,
-                       m=m, expected=expected, save=save)
-    print(f"{family} grid {n}x{m}: logits vs transformers {max(errors):.2e}")
-    assert max(errors) <= TOLERANCE
+    hf_dir, cfg, expected, greedy = models[family]
+    save = str(tmp_path / "grid") if (family, n) == ("mixtral", 2) else ""
+    results = pool4.run(hf.grid_logits_vs_hf, hf_dir=hf_dir, ckpt=checkpoints[family][0], n=n,
+                        m=m, expected=expected, save=save, **greedy_kwargs(hf_dir, cfg))
+    check_grid(results, greedy, m, f"{family} grid {n}x{m}")
     if save:  # out again: the grid's own checkpoint (TP=4) back to HF, bit-identical
         [r] = get_pool(1).run(hf.back_and_logits, hf_dir=hf_dir, ckpt=save,
                               out_dir=str(tmp_path / "out"), expected=expected)
         assert r["same_keys"] and r["different"] == [], r["different"]
+
+
+def test_grid_2x4_on_8_ranks_matches_transformers(pool8, models, checkpoints):
+    """Llama on 8 ranks: 2 head groups (one per KV head) x 4 dim slices."""
+    hf_dir, cfg, expected, greedy = models["llama"]
+    results = pool8.run(hf.grid_logits_vs_hf, hf_dir=hf_dir, ckpt=checkpoints["llama"][0], n=2,
+                        m=4, expected=expected, **greedy_kwargs(hf_dir, cfg))
+    check_grid(results, greedy, 4, "llama grid 2x4")
 
 
 @pytest.mark.uses_pool
@@ -94,7 +124,7 @@ def test_tokenizer_loads_in_megatron_and_other_models_are_refused(models, checkp
 
 @pytest.mark.uses_pool
 def test_command_line_converts_both_ways_and_prints_the_flags(models, tmp_path):
-    hf_dir, cfg, _ = models["mistral"]
+    hf_dir, cfg, *_ = models["mistral"]
     ckpt, out = tmp_path / "mg", tmp_path / "out"
     pool = get_pool(1)
     [to_mg] = pool.run(hf.command_line, argv=["hf-to-megatron", "--hf-dir", hf_dir,

@@ -1,4 +1,4 @@
-"""python -m megatron_mxn.convert {hf-to-megatron,megatron-to-hf}: see docs/hf.md.
+"""python -m megatron_mxn.convert {hf-to-megatron,megatron-to-hf,tokenize}: see docs/hf.md.
 
 Runs on CPU in one process (a gloo world of one rank, megatron_mxn's CPU mode), so that the
 model is megatron-core's local-spec GPTModel at TP=1 whatever machine runs it.
@@ -21,6 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--hf-dir", required=True,
                        help="the HF directory whose config, tokenizer and file layout to use")
     to_hf.add_argument("--save-hf", required=True, help="HF directory to write")
+    tok = sub.add_parser("tokenize", help="text -> Megatron indexed dataset, with the HF "
+                                          "directory's tokenizer (for fine-tuning)")
+    tok.add_argument("--hf-dir", required=True, help="the HF directory whose tokenizer to use")
+    tok.add_argument("--input", required=True,
+                     help="loose JSON (.json/.jsonl: one object per line) or text (one "
+                          "document per non-empty line)")
+    tok.add_argument("--output-prefix", required=True,
+                     help="writes PREFIX_<key>_document.bin/.idx (give that to --data-path)")
+    tok.add_argument("--json-keys", default="text", metavar="KEY",
+                     help="the JSON key holding a document's text (default: text)")
     return parser
 
 
@@ -31,6 +41,13 @@ def run(opts) -> int:
     from megatron_mxn.convert.hf_config import ConversionError
 
     try:
+        if opts.command == "tokenize":
+            from megatron_mxn.convert.dataset import tokenize_corpus
+
+            wrote = tokenize_corpus(opts.hf_dir, opts.input, opts.output_prefix, opts.json_keys)
+            print(f"wrote {wrote['documents']} documents, {wrote['tokens']} tokens (end-of-"
+                  f"document ids included): --data-path {wrote['data_path']}", flush=True)
+            return 0
         if opts.command == "hf-to-megatron":
             flags = convert.hf_to_megatron(opts.hf_dir, opts.save)
             done = f"wrote Megatron checkpoint {opts.save} (release)"

@@ -49,6 +49,10 @@ def check_request(gen, args) -> None:
     if gen.batch_size % micro:
         raise MxnConfigError(f"--batch-size ({gen.batch_size}) must be divisible by the "
                              f"inference micro-batches ({micro})")
+    if args.hf_dir:  # --load holds the HF directory's model (or says how to convert it)
+        from megatron_mxn.convert.hf_run import check_hf_run
+
+        check_hf_run(args, training=False)
     if args.load is None:
         raise MxnConfigError("--load CHECKPOINT is required: generation compares layouts on "
                              "the same weights")

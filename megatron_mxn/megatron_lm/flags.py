@@ -48,6 +48,11 @@ def add_mxn_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="append each iteration's lm loss, grad norm, loss scale and "
                             "learning rate, at full precision, as JSON lines (for A/B "
                             "comparisons; Megatron's log rounds and averages them)")
+    group.add_argument("--hf-dir", default=None, metavar="DIR",
+                       help="a Hugging Face model directory (config.json, tokenizer): its "
+                            "Megatron model flags and HuggingFaceTokenizer come first (explicit "
+                            "flags win); --load a checkpoint converted from it (python -m "
+                            "megatron_mxn.convert hf-to-megatron) or saved by a run from one")
     _resolve_after_parsing(parser)
     _escape_stray_percent_signs(parser)
     return parser

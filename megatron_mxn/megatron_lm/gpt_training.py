@@ -118,6 +118,10 @@ def pretrain_model(model_config_from_args) -> None:
     args = parse_and_validate_args(extra_args_provider=add_mxn_args,
                                    args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     check_checkpoint_args(args)  # before any collective: shape and attention model
+    if args.hf_dir:  # --load holds the HF directory's model; the run names its seq length
+        from megatron_mxn.convert.hf_run import check_hf_run
+
+        check_hf_run(args, training=True)
     model_cfg = model_config_from_args(args)  # before any collective too: it may refuse
     # Megatron's pretrain() leaves its process groups alive; they go before Python exits.
     with clean_shutdown():

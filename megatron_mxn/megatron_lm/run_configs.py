@@ -104,7 +104,12 @@ def check_keys(mapping: Dict[str, object], known: Iterable[str], where: str) -> 
 def expand_config_args(argv: List[str], known: Optional[Iterable[str]] = None,
                        section: str = "training") -> List[str]:
     """Replace `--config FILE` (and `--layout NAME`) in argv by the flags of the config's
-    `model` and `section` sections and of the layout, first."""
+    `model` and `section` sections and of the layout, first; then put the model and tokenizer
+    flags of `--hf-dir DIR` (given or from the config) before all of them."""
+    return expand_hf_dir(_expand_config(argv, known, section), generation=section == "inference")
+
+
+def _expand_config(argv: List[str], known: Optional[Iterable[str]], section: str) -> List[str]:
     if "--config" not in argv:
         if "--layout" in argv:
             raise MxnConfigError("--layout needs --config")
@@ -119,6 +124,19 @@ def expand_config_args(argv: List[str], known: Optional[Iterable[str]] = None,
             del rest[k:k + 2]
             path, layout = (value, layout) if name == "--config" else (path, value)
     return config_flags(load_config(path), layout, path, known, ("model", section)) + rest
+
+
+def expand_hf_dir(argv: List[str], generation: bool) -> List[str]:
+    """`--hf-dir DIR` stays (the entry points check --load against it) and brings the flags of
+    DIR's model and tokenizer (megatron_mxn.convert.hf_run), first: explicit flags win."""
+    if "--hf-dir" not in argv:
+        return argv
+    k = argv.index("--hf-dir")
+    if k + 1 >= len(argv) or argv[k + 1].startswith("--"):
+        raise MxnConfigError("--hf-dir needs a value")
+    from megatron_mxn.convert.hf_run import hf_dir_flags
+
+    return hf_dir_flags(argv[k + 1], generation) + argv
 
 
 def megatron_option_strings(*extra_providers) -> set:

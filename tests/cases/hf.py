@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -127,10 +127,13 @@ def _tp1():
     model_parallel_cuda_manual_seed(0)
 
 
-def back_and_logits(hf_dir: str, ckpt: str, out_dir: str, expected: torch.Tensor) -> dict:
+def back_and_logits(hf_dir: str, ckpt: str, out_dir: str, expected: torch.Tensor,
+                    prompts: Optional[List[List[int]]] = None, eos: Optional[int] = None
+                    ) -> dict:
     """On a world of one rank: the converted checkpoint back to HF (every tensor compared with
-    hf_dir's), and the TP=1 model's logits from the checkpoint against transformers'
-    (`expected`, hf_logits of tokens())."""
+    hf_dir's), and megatron-core's TP=1 model from the checkpoint: its logits against
+    transformers' (`expected`, hf_logits of tokens()) and, with `prompts`, its greedy tokens
+    (each sequence cut before `eos`)."""
     from safetensors.torch import load_file
 
     from megatron_mxn.convert import checkpoint, convert, hf_files
@@ -147,9 +150,20 @@ def back_and_logits(hf_dir: str, ckpt: str, out_dir: str, expected: torch.Tensor
     ids = tokens()
     with torch.no_grad():
         got = model.eval()(ids, torch.arange(SEQ).expand_as(ids), None)
+    greedy = None
+    if prompts:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        from megatron_mxn.inference.generation import generate
+
+        lengths = [len(p) for p in prompts]
+        batch = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
+        run = generate(model, batch, NEW_TOKENS, ProcessGroupCollection.use_mpu_process_groups(),
+                       prompt_lengths=lengths, eod=eos)
+        greedy = [row[:k] for row, k in zip(run.tokens.tolist(), run.lengths)]
     return {"different": different, "same_keys": sorted(before) == sorted(after),
             "side_files": sorted(os.listdir(out_dir)),
-            "logits_err": rel_err(got, expected)}
+            "logits_err": rel_err(got, expected), "tokens": greedy}
 
 
 def tokenizer_and_mismatch(hf_dir: str, other_dir: str, ckpt: str) -> dict:
@@ -158,11 +172,11 @@ def tokenizer_and_mismatch(hf_dir: str, other_dir: str, ckpt: str) -> dict:
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
     from transformers import AutoTokenizer
 
-    from megatron_mxn.convert import convert
+    from megatron_mxn.convert import convert, hf_run
     from megatron_mxn.convert.hf_config import ConversionError
 
     _tp1()
-    args = convert.hf_args(hf_files_config(hf_dir), convert.tokenizer_flags(hf_dir))
+    args = convert.hf_args(hf_files_config(hf_dir), hf_run.tokenizer_flags(hf_dir))
     tok = build_tokenizer(args)
     text = CORPUS.read_text()[:400]
     same = tok.tokenize(text) == AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
@@ -180,17 +194,22 @@ def hf_files_config(hf_dir: str) -> dict:
     return hf_files.read_config(hf_dir)
 
 
-def command_line(argv: List[str]) -> dict:
+def command_line(argv: List[str], cwd: Optional[str] = None) -> dict:
     """megatron_mxn.convert's command `argv` (parsed and run as __main__ does, in this world
-    of one rank): its exit status and output."""
+    of one rank, in directory `cwd`): its exit status and output."""
     import io
 
     from megatron_mxn.convert.__main__ import build_parser, run
 
     _tp1()
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = run(build_parser().parse_args(argv))
+    here = os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = run(build_parser().parse_args(argv))
+    finally:
+        os.chdir(here)
     return {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
 
 
@@ -215,14 +234,43 @@ def microbatches(args):
         calc.destroy_num_microbatches_calculator()
 
 
-def grid_logits_vs_hf(hf_dir: str, ckpt: str, n: int, m: int, expected: torch.Tensor,
-                      save: str = "") -> float:
-    """On n*m ranks: the grid model built from the converted flags the way the entry points
-    build it, loaded with megatron.training's load_checkpoint (`--load ckpt`), vs
-    transformers' logits `expected`. With `save`, the grid then saves it there (iteration 1)
-    with megatron.training's save_checkpoint, as a training run would."""
-    from megatron.core import tensor_parallel
-    from megatron.training.checkpointing import load_checkpoint, save_checkpoint
+# Three lengths (right padding); on the tiny Llama the third prompt's first greedy token is the
+# end-of-sequence token (an empty output), the other two run all NEW_TOKENS steps.
+PROMPTS = ("The quick brown fox jumps over", "A tiny model", "The grid splits every head")
+NEW_TOKENS = 8
+
+
+def prompt_ids(hf_dir: str) -> List[List[int]]:
+    """PROMPTS as the HF directory's tokenizer (transformers) encodes them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    return [tok(text)["input_ids"] for text in PROMPTS]
+
+
+@torch.no_grad()
+def hf_greedy(hf_dir: str, prompts: List[List[int]], new_tokens: int = NEW_TOKENS
+              ) -> List[List[int]]:
+    """transformers' greedy `generate`, one prompt at a time, each output cut before its
+    first end-of-sequence token (where megatron's generation ends a sequence)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    eos = model.config.eos_token_id
+    out = []
+    for ids in prompts:
+        row = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=eos)[0, len(ids):].tolist()
+        out.append(row[:row.index(eos)] if eos in row else row)
+    return out
+
+
+def _grid_model(hf_dir: str, ckpt: str, n: int, m: int, extra: List[str]):
+    """(model, process groups, args): the grid (TP when m = 1) model built from the converted
+    flags the way the entry points build it, loaded with megatron.training's load_checkpoint."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.training.checkpointing import load_checkpoint
 
     import megatron_mxn
     import megatron_mxn.cpu
@@ -233,22 +281,46 @@ def grid_logits_vs_hf(hf_dir: str, ckpt: str, n: int, m: int, expected: torch.Te
 
     megatron_mxn.cpu.enable(training=True)
     cfg = hf_files.read_config(hf_dir)
-    saving = ["--save", save, "--save-interval", "1"] if save else []
     args = convert.hf_args(cfg, ["--tensor-model-parallel-size", str(n * m),
-                                 "--mxn-dim-slices", str(m), "--load", ckpt, *saving],
+                                 "--mxn-dim-slices", str(m), "--load", ckpt, *extra],
                            extra_args_provider=add_mxn_args)
     pgs = megatron_mxn.initialize_mxn_parallel(n, m, create_gloo_process_groups=False)
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     model_parallel_cuda_manual_seed(0)
     model = build_model(args, mxn_gpt_config_from_args)
     with global_args(args), microbatches(args):
         load_checkpoint([model], None, None)
+    return model.eval(), pgs, args
+
+
+def grid_logits_vs_hf(hf_dir: str, ckpt: str, n: int, m: int, expected: torch.Tensor,
+                      save: str = "", prompts: Optional[List[List[int]]] = None,
+                      eos: Optional[int] = None) -> dict:
+    """On n*m ranks: the grid model loaded from `--load ckpt`: its logits vs transformers'
+    (`expected`) and, with `prompts`, its greedy tokens with each KV cache (dims, positions;
+    each sequence cut before `eos`). With `save`, the grid then saves it there (iteration 1)
+    with megatron.training's save_checkpoint, as a training run would."""
+    from megatron.core import tensor_parallel
+    from megatron.training.checkpointing import save_checkpoint
+
+    from megatron_mxn.convert.megatron_model import global_args
+    from megatron_mxn.inference.generation import generate
+
+    saving = ["--save", save, "--save-interval", "1"] if save else []
+    model, pgs, args = _grid_model(hf_dir, ckpt, n, m, saving)
     ids = tokens()
     with torch.no_grad():
-        local = model.eval()(ids, torch.arange(SEQ).expand_as(ids), None)
+        local = model(ids, torch.arange(SEQ).expand_as(ids), None)
         full = tensor_parallel.gather_from_tensor_model_parallel_region(local, group=pgs.tp)
+    result = {"logits_err": rel_err(full, expected), "tokens": {}}
+    if prompts:
+        lengths = [len(p) for p in prompts]
+        batch = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
+        for cache in (("dims", "positions") if m > 1 else ("dims",)):
+            run = generate(model, batch, NEW_TOKENS, pgs, kv_cache=cache,
+                           prompt_lengths=lengths, eod=eos)
+            result["tokens"][cache] = [row[:k] for row, k in zip(run.tokens.tolist(),
+                                                                 run.lengths)]
     if save:
         with global_args(args), microbatches(args):
             save_checkpoint(1, [model], None, None, 0)
-    return rel_err(full, expected)
+    return result
