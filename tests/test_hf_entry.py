@@ -93,6 +93,8 @@ def test_readme_commands_from_an_hf_directory_to_text_fine_tuning_and_back(tmp_p
     assert report["texts"] == [tok.decode(ids) for ids in want]
     assert (report["layout"]["head_groups"], report["layout"]["tp"]) == (2, 4)
     assert report["kv_cache"] == "positions"
+    # ragged prompts run 22 - 8 + 8 - 1 decode steps; each still takes 2 dim-slice collectives
+    assert report["comm_collectives_per_layer_per_decode_step"]["dim-slice"] == 2.0
     assert f"[generated 1] {report['texts'][1]}" in gen.rank_logs[0]
 
     assert "37 documents" in run_command(tokenize, tmp_path, "tokenize")["stdout"]

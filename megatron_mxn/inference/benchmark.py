@@ -77,7 +77,9 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
     if args.mxn_log_comm:
         _print_comm(per_step, decode, len(layers), gen.max_new_tokens - 1,
                     bytes_by_layer(layer_bytes))
-    decode_steps = max(gen.max_new_tokens - 1, 1)
+    # (prompts of different lengths add decode steps: generate() feeds the longer prompts'
+    # tokens one step at a time after prefilling the shortest)
+    decode_steps = max(len(per_step) - 1, 1)
     mine = {
         "rank": dist.get_rank(),
         "stage": parallel_state.get_pipeline_model_parallel_rank(),
