@@ -54,7 +54,7 @@ def test_unknown_key_names_the_closest_flag(tmp_path, known):
 
 def test_unknown_layout_lists_the_layouts():
     with pytest.raises(MxnConfigError, match=r"no layout 'grid4' \(layouts: \['baseline', "
-                                             r"'grid', 'tp'\]\)"):
+                                             r"'grid', 'tp', 'tp_fused'\]\)"):
         expand_config_args(["--config", str(CONFIGS[0]), "--layout", "grid4"])
 
 

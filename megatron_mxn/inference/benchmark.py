@@ -206,7 +206,8 @@ def layout_name(args, kv_cache: str = "dims") -> str:
         schedule = "" if args.mxn_attention == AUTO else f" {args.mxn_attention}"
         cache = get_kv_cache(kv_cache).label  # (as cost_model.Layout.name)
         return f"grid {args.mxn_head_groups}x{args.mxn_dim_slices}{pp}{schedule}{cache}"
-    return f"TP={args.tensor_model_parallel_size}{pp}"
+    core = " fused" if getattr(args, "mxn_tp_core", "megatron") == "fused" else ""
+    return f"TP={args.tensor_model_parallel_size}{pp}{core}"
 
 
 def _max_by_key(dicts) -> dict:
