@@ -53,13 +53,14 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
                   f"{step}/{gen.max_new_tokens - 1}", flush=True)
 
     # The first timed generation is counted step by step; the others are only timed.
-    runs, per_step, layer_bytes = [], [], Counter()
+    runs, per_step, layer_bytes, seconds = [], [], Counter(), []
     with CommCounter(group_labels()) as counter:
         counter.mark_inside(layers)
 
         def end_of_step():
             layer_bytes.update(counter.layer_bytes)
             per_step.append(counter.reset())
+            seconds.append(counter.reset_seconds())
 
         def before_step(step):
             if step > 0:
@@ -74,6 +75,7 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
                              before_step=lambda step, repeat=repeat: progress(step, repeat),
                              **options))
     decode = sum(per_step[1:], Counter())
+    decode_seconds = sum(seconds[1:], Counter())
     if args.mxn_log_comm:
         _print_comm(per_step, decode, len(layers), gen.max_new_tokens - 1,
                     bytes_by_layer(layer_bytes))
@@ -92,6 +94,8 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
                             for k, v in calls_by_group(decode, inside=True).items()},
         "comm_per_step_outside_layers": {
             k: v / decode_steps for k, v in sent_bytes_by_group(decode, inside=False).items()},
+        "comm_s_per_step": {f"{g}{'' if inside else ' (outside layers)'}": v / decode_steps
+                            for (g, inside), v in decode_seconds.items()},
         "ttft_s": [r.ttft_s for r in runs],
         "tpot_s": [t for r in runs for t in r.tpot_s],
         "tpot_runs": [r.tpot_s for r in runs],
@@ -135,6 +139,11 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
             r["calls_per_layer"] for r in everyone),
         "comm_bytes_per_decode_step_outside_layers": _max_by_key(
             r["comm_per_step_outside_layers"] for r in everyone),
+        # the wall time inside collectives per decode step (first timed generation), by group:
+        # the rank that spent the most; TPOT minus their sum is roughly its compute
+        "comm_seconds_per_decode_step": _max_by_key(r["comm_s_per_step"] for r in everyone),
+        "comm_seconds_per_decode_step_total": max(sum(r["comm_s_per_step"].values())
+                                                  for r in everyone),
         "tokens_sha256": last["tokens_sha256"],
         "tokens_head": last["tokens_head"],
         "sampling": describe_sampling(gen, args.seed),
@@ -218,6 +227,16 @@ def _max_by_key(dicts) -> dict:
     return dict(sorted(out.items()))
 
 
+def comm_time(r: dict) -> str:
+    """The wall time a decode step spent inside collectives (total: the busiest rank), by
+    group, in ms; '' for a report without it."""
+    by_group = r.get("comm_seconds_per_decode_step")
+    if by_group is None:
+        return ""
+    return (f"{r['comm_seconds_per_decode_step_total'] * 1e3:.1f} ms ("
+            + ", ".join(f"{g} {v * 1e3:.1f}" for g, v in by_group.items()) + ")")
+
+
 def format_report(r: dict) -> str:
     w = r["workload"]
     ms = 1000.0
@@ -246,6 +265,7 @@ def format_report(r: dict) -> str:
         ("collectives / layer / decode step", format_calls(
             r["comm_collectives_per_layer_per_decode_step"])),
         ("sent / decode step outside layers", outside),
+        ("in collectives / decode step", comm_time(r)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(["| metric | value |", "|---|---|"]

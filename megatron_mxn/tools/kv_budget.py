@@ -45,7 +45,7 @@ def plan_batches(cfg: dict, names: List[str], lengths: List[int], new_tokens: in
             layout, micro = layout_for(cfg, name, length, new_tokens)
             context = length + new_tokens
             batch = largest_batch(model, layout, budget_bytes, context, micro)
-            out[length][name] = dict(batch=batch, micro=micro,
+            out[length][name] = dict(batch=batch, micro=micro, label=layout.name,
                                      per_sequence=kv_cache_bytes(model, layout, 1, context),
                                      kv_bytes=kv_cache_bytes(model, layout, batch, context))
     return out
@@ -107,6 +107,22 @@ def run_sweep(args, cfg: dict, cfg_path: str, model_dir: Path, ckpt: Path, launc
         else 0
 
 
+def reload(cfg: dict, names: List[str], lengths: List[int], new_tokens: int,
+           budget_mib: float, model_dir: Path) -> Dict[int, Dict[str, dict]]:
+    """The results of an earlier sweep from its reports in `model_dir` (to rewrite its
+    tables); a missing report reads as skipped."""
+    planned = plan_batches(cfg, names, lengths, new_tokens, budget_mib * MIB)
+    out: Dict[int, Dict[str, dict]] = {}
+    for length in lengths:
+        out[length] = {}
+        for name in names:
+            path = model_dir / f"{name}-kv-p{length}.json"
+            report = json.loads(path.read_text()) if path.exists() else None
+            out[length][name] = dict(planned[length][name], report=report,
+                                     why=None if report else "no report")
+    return out
+
+
 def _values(report: dict) -> Dict[str, List[float]]:
     from megatron_mxn.tools.ab_jobs import per_repeat_values
 
@@ -118,42 +134,59 @@ def _cell(values: List[float], scale: float = 1.0) -> str:
             f"{max(values) * scale:.1f}]")
 
 
+def decode_tokens_per_s(row: dict) -> float:
+    """Steady-state decode throughput: the batch over the median TPOT (output tokens/s also
+    counts the prefill, which dominates a short generation)."""
+    return row["batch"] / statistics.median(_values(row["report"])["tpot_median_s"])
+
+
 def budget_table(run: str, command: str, budget_mib: float, new_tokens: int,
                  results: Dict[int, Dict[str, dict]]) -> List[str]:
-    """Markdown: one table per prompt length, ratios against TP (the config's `tp`)."""
+    """Markdown: one table per prompt length, ratios against TP (the config's `tp`) and TP on
+    the fused kernels (`tp_fused`) when they ran."""
     from megatron_mxn.tools.ab_jobs import _kib
 
     lines = [f"# A/B {run}: equal KV-cache budget per rank", "", f"`{command}`", "",
              f"Every layout gets {budget_mib:g} MiB of KV cache per rank and runs the largest "
              "batch (a multiple of its micro-batches) whose cache fits (the cost model's "
-             f"kv_cache_bytes for prompt + {new_tokens} new tokens). Cells: median [min-max] "
-             "over the timed repeats.", ""]
-    head = ["layout", "batch reached", "KV cache / rank", "output tokens/s", "TPOT median (ms)",
-            "TTFT (ms)", "batch vs TP=4", "tokens/s vs TP=4"]
+             f"kv_cache_bytes for prompt + {new_tokens} new tokens). Output tokens/s: batch x "
+             "new tokens over the whole generation (prefill included); decode tokens/s: batch / "
+             "median TPOT. Cells: median [min-max] over the timed repeats.", ""]
+    head = ["layout", "batch reached", "KV cache / rank", "output tokens/s", "decode tokens/s",
+            "TPOT median (ms)", "TTFT (ms)", "batch vs TP=4", "output tokens/s vs TP=4",
+            "decode tokens/s vs TP=4", "decode tokens/s vs TP=4 fused"]
     for length, rows in results.items():
         lines += [f"### prompt {length}", "", "| " + " | ".join(head) + " |",
                   "|" + "---|" * len(head)]
-        ref = rows.get("tp")
-        ref_tps = (statistics.median(_values(ref["report"])["output_tokens_per_s"])
-                   if ref and ref["report"] else None)
+        ok = {n: r for n, r in rows.items() if r["report"] is not None}
+        ref, fused = ok.get("tp"), ok.get("tp_fused")
+
+        def vs(value: float, base: Optional[dict], of) -> str:
+            return f"x{value / of(base):.2f}" if base else "n/a"
+
+        def tps(r: dict) -> float:
+            return statistics.median(_values(r["report"])["output_tokens_per_s"])
+
         for name, r in rows.items():
-            label = r["report"]["layout"]["name"] if r["report"] else name
+            label = r.get("label", name)
             if r["report"] is None:
                 lines.append(f"| {label} | {r['batch']} | {_kib(r['kv_bytes'])} | "
-                             f"{'FAILED' if r['why'] == 'FAILED' else 'skipped'} | | | | |")
+                             f"{'FAILED' if r['why'] == 'FAILED' else 'skipped'} |"
+                             + " |" * (len(head) - 4))
                 continue
             v = _values(r["report"])
-            tps = statistics.median(v["output_tokens_per_s"])
-            kv = r["report"]["kv_cache_bytes_per_rank"]
+            decode = decode_tokens_per_s(r)
             lines.append("| " + " | ".join([
-                label, str(r["batch"]), _kib(kv), _cell(v["output_tokens_per_s"]),
-                _cell(v["tpot_median_s"], 1e3), _cell(v["ttft_s"], 1e3),
-                f"x{r['batch'] / ref['batch']:.2f}" if ref and ref["batch"] else "n/a",
-                f"x{tps / ref_tps:.2f}" if ref_tps else "n/a"]) + " |")
+                r["report"]["layout"]["name"], str(r["batch"]),
+                _kib(r["report"]["kv_cache_bytes_per_rank"]), _cell(v["output_tokens_per_s"]),
+                f"{decode:.1f}", _cell(v["tpot_median_s"], 1e3), _cell(v["ttft_s"], 1e3),
+                vs(r["batch"], ref, lambda b: b["batch"]), vs(tps(r), ref, tps),
+                vs(decode, ref, decode_tokens_per_s),
+                vs(decode, fused, decode_tokens_per_s)]) + " |")
         lines.append("")
         for name, r in rows.items():
             if r["why"] and r["why"] != "FAILED":
-                lines.append(f"Skipped {name}: {r['why']}.")
+                lines.append(f"Skipped {r.get('label', name)}: {r['why']}.")
         lines.append("")
     return lines
 
@@ -165,7 +198,7 @@ def write_csv(path: Path, results: Dict[int, Dict[str, dict]]) -> None:
         out.writerow(["prompt_length", "layout", "metric", "median", "min", "max", "n"])
         for length, rows in results.items():
             for name, r in rows.items():
-                label = r["report"]["layout"]["name"] if r["report"] else name
+                label = r["report"]["layout"]["name"] if r["report"] else r.get("label", name)
                 out.writerow([length, label, "batch", r["batch"], r["batch"], r["batch"], 1])
                 if r["report"] is None:
                     out.writerow([length, label, "skipped" if r["why"] != "FAILED" else "failed",
@@ -176,35 +209,38 @@ def write_csv(path: Path, results: Dict[int, Dict[str, dict]]) -> None:
                 for key, values in _values(r["report"]).items():
                     out.writerow([length, label, key, statistics.median(values), min(values),
                                   max(values), len(values)])
+                decode = decode_tokens_per_s(r)
+                out.writerow([length, label, "decode_tokens_per_s", decode, decode, decode, 1])
 
 
 def write_chart(path: Path, results: Dict[int, Dict[str, dict]], budget_mib: float) -> None:
-    """Batch reached and output tokens/s per layout, grouped by prompt length."""
+    """Batch reached, output tokens/s and decode tokens/s per layout, by prompt length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(n for rows in results.values() for n in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("batch reached", lambda r: r["batch"]),
+              ("output tokens/s (median)",
+               lambda r: statistics.median(_values(r["report"])["output_tokens_per_s"])),
+              ("decode tokens/s (batch / TPOT)", decode_tokens_per_s)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     width = 0.8 / max(len(names), 1)
     for k, name in enumerate(names):
-        xs, batch, tps = [], [], []
-        label = name
-        for x, (length, rows) in enumerate(results.items()):
-            r = rows.get(name)
-            if not r or r["report"] is None:
-                continue
-            label = r["report"]["layout"]["name"]
-            xs.append(x + (k - (len(names) - 1) / 2) * width)
-            batch.append(r["batch"])
-            tps.append(statistics.median(_values(r["report"])["output_tokens_per_s"]))
-        axes[0].bar(xs, batch, width, color=f"C{k}", label=label)
-        axes[1].bar(xs, tps, width, color=f"C{k}", label=label)
-    for ax, title in zip(axes, ("batch reached", "output tokens/s (median)")):
+        runs = [(x, r) for x, rows in enumerate(results.values())
+                if (r := rows.get(name)) and r["report"] is not None]
+        if not runs:
+            continue
+        label = runs[0][1]["report"]["layout"]["name"]
+        xs = [x + (k - (len(names) - 1) / 2) * width for x, _ in runs]
+        for ax, (_, value) in zip(axes, panels):
+            ax.bar(xs, [value(r) for _, r in runs], width, color=f"C{k}", label=label)
+    for ax, (title, _) in zip(axes, panels):
         ax.set_xticks(range(len(results)), [f"prompt {n}" for n in results])
-        ax.set_title(f"{title}, KV budget {budget_mib:g} MiB / rank")
+        ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"equal KV-cache budget: {budget_mib:g} MiB per rank", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
