@@ -199,3 +199,21 @@ def test_fused_tp_core_is_for_plain_tp_only():
     args = argparse.Namespace(mxn_head_groups=None, mxn_dim_slices=None,
                               tensor_model_parallel_size=4, mxn_tp_core="fused")
     assert resolve_mxn_args(args).mxn_dim_slices == 1
+
+
+def test_fused_tp_spec_replaces_every_core_once_also_in_a_shared_block_spec():
+    """An MoE block spec lists one layer spec object for several layers: each is replaced once
+    (the second visit must not refuse the fused core it already put there)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_mxn.attention.fused_core import FusedDotProductAttention
+    from megatron_mxn.attention.spec import get_fused_tp_layer_spec
+
+    layer = get_gpt_layer_local_spec()
+    block = get_fused_tp_layer_spec(TransformerBlockSubmodules(layer_specs=[layer, layer]))
+    for spec in block.layer_specs:
+        assert spec.submodules.self_attention.submodules.core_attention is \
+            FusedDotProductAttention
+    assert layer.submodules.self_attention.submodules.core_attention is DotProductAttention

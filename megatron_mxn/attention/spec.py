@@ -97,6 +97,8 @@ def get_fused_tp_layer_spec(base_spec):
             raise MxnConfigError(f"the layer spec's self_attention ({module}) is not "
                                  "megatron-core's SelfAttention; the fused TP core replaces only "
                                  "that one's core")
+        if attn.submodules.core_attention is FusedDotProductAttention:
+            continue  # (a block spec may list one layer spec object several times)
         _check_replaceable(module, attn.submodules.core_attention)
         attn.submodules = copy.copy(attn.submodules)
         attn.submodules.core_attention = FusedDotProductAttention
