@@ -8,6 +8,7 @@ and the bytes each group sends and the collectives it issues per layer and decod
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 
 from megatron_mxn.accounting import (
@@ -54,6 +55,7 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
 
     # The first timed generation is counted step by step; the others are only timed.
     runs, per_step, layer_bytes, seconds = [], [], Counter(), []
+    cpu_marks = [time.process_time()]  # this process's CPU time at the end of each step
     with CommCounter(group_labels()) as counter:
         counter.mark_inside(layers)
 
@@ -61,6 +63,7 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
             layer_bytes.update(counter.layer_bytes)
             per_step.append(counter.reset())
             seconds.append(counter.reset_seconds())
+            cpu_marks.append(time.process_time())
 
         def before_step(step):
             if step > 0:
@@ -96,6 +99,7 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
             k: v / decode_steps for k, v in sent_bytes_by_group(decode, inside=False).items()},
         "comm_s_per_step": {f"{g}{'' if inside else ' (outside layers)'}": v / decode_steps
                             for (g, inside), v in decode_seconds.items()},
+        "cpu_s_per_step": (cpu_marks[-1] - cpu_marks[1]) / max(len(cpu_marks) - 2, 1),
         "ttft_s": [r.ttft_s for r in runs],
         "tpot_s": [t for r in runs for t in r.tpot_s],
         "tpot_runs": [r.tpot_s for r in runs],
@@ -144,6 +148,8 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
         "comm_seconds_per_decode_step": _max_by_key(r["comm_s_per_step"] for r in everyone),
         "comm_seconds_per_decode_step_total": max(sum(r["comm_s_per_step"].values())
                                                   for r in everyone),
+        # CPU time of each rank's process (its threads, gloo's included) per decode step
+        "cpu_seconds_per_decode_step": [r["cpu_s_per_step"] for r in everyone],
         "tokens_sha256": last["tokens_sha256"],
         "tokens_head": last["tokens_head"],
         "sampling": describe_sampling(gen, args.seed),
@@ -237,6 +243,16 @@ def comm_time(r: dict) -> str:
             + ", ".join(f"{g} {v * 1e3:.1f}" for g, v in by_group.items()) + ")")
 
 
+def cpu_time(r: dict) -> str:
+    """The CPU time of a decode step, summed over the ranks and of the busiest rank, in ms;
+    '' for a report without it. With more ranks than cores, the sum over the cores bounds
+    the TPOT from below."""
+    per_rank = r.get("cpu_seconds_per_decode_step")
+    if not per_rank:
+        return ""
+    return f"{sum(per_rank) * 1e3:.1f} ms (busiest rank {max(per_rank) * 1e3:.1f})"
+
+
 def format_report(r: dict) -> str:
     w = r["workload"]
     ms = 1000.0
@@ -266,6 +282,7 @@ def format_report(r: dict) -> str:
             r["comm_collectives_per_layer_per_decode_step"])),
         ("sent / decode step outside layers", outside),
         ("in collectives / decode step", comm_time(r)),
+        ("CPU time / decode step", cpu_time(r)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(["| metric | value |", "|---|---|"]

@@ -125,6 +125,12 @@ def comm_time(report: dict) -> str:
     return comm_time(report)
 
 
+def cpu_time(report: dict) -> str:
+    from megatron_mxn.inference.benchmark import cpu_time  # (imports torch: not at start-up)
+
+    return cpu_time(report)
+
+
 def model_table(model: str, reports: Dict[str, Optional[dict]],
                 skipped: Optional[Dict[str, str]] = None) -> List[str]:
     """Markdown lines for one model (and prompt length): the layouts' metrics, identical
@@ -140,7 +146,7 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
     head = ["layout"] + [f"{t} ({u})" if u else t for _, t, _, u, _ in METRICS] + [
         "KV cache / rank", "peak mem / rank", "sent / layer / decode step / rank",
         "collectives / layer / decode step", "in collectives / decode step",
-        "tokens = baseline"]
+        "CPU time / decode step (all ranks)", "tokens = baseline"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_hash = ok.get("baseline", {}).get("tokens_sha256")
     for name, r in reports.items():
@@ -160,7 +166,7 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
         lines.append(f"| {r['layout']['name']} | " + " | ".join(
             cells + [_kib(r["kv_cache_bytes_per_rank"]), _kib(r["peak_memory_bytes_per_rank"]),
                      comm, _calls(r["comm_collectives_per_layer_per_decode_step"]),
-                     comm_time(r), same]) + " |")
+                     comm_time(r), cpu_time(r), same]) + " |")
     lines.append("")
     for name, why in (skipped or {}).items():
         lines.append(f"Skipped {name}: {why}.")
