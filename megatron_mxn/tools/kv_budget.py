@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 from megatron_mxn.analysis.budget import largest_batch
 from megatron_mxn.analysis.cost_model import Layout, ModelShape, kv_cache_bytes, resolve_kv_cache
 from megatron_mxn.analysis.planner import config_layouts
+from megatron_mxn.tools import ab_jobs as ab
 
 MIB = 2 ** 20
 
@@ -54,8 +55,6 @@ def plan_batches(cfg: dict, names: List[str], lengths: List[int], new_tokens: in
 def run_sweep(args, cfg: dict, cfg_path: str, model_dir: Path, ckpt: Path, launcher, run: str,
               out_dir: Path) -> int:
     """Run every layout at each prompt length with its largest batch; write the results."""
-    from megatron_mxn.tools import ab_jobs as ab
-
     new_tokens = int(ab._extra_value(args.generate_extra, "--max-new-tokens")
                      or (cfg.get("inference") or {}).get("max-new-tokens") or 16)
     lengths = args.prompt_lengths or [int((cfg.get("inference") or {}).get("prompt-length")
@@ -124,9 +123,7 @@ def reload(cfg: dict, names: List[str], lengths: List[int], new_tokens: int,
 
 
 def _values(report: dict) -> Dict[str, List[float]]:
-    from megatron_mxn.tools.ab_jobs import per_repeat_values
-
-    return per_repeat_values(report)
+    return ab.per_repeat_values(report)
 
 
 def _cell(values: List[float], scale: float = 1.0) -> str:
@@ -144,8 +141,7 @@ def budget_table(run: str, command: str, budget_mib: float, new_tokens: int,
                  results: Dict[int, Dict[str, dict]]) -> List[str]:
     """Markdown: one table per prompt length, ratios against TP (the config's `tp`) and TP on
     the fused kernels (`tp_fused`) when they ran."""
-    from megatron_mxn.tools.ab_jobs import _kib
-
+    _kib = ab._kib
     lines = [f"# A/B {run}: equal KV-cache budget per rank", "", f"`{command}`", "",
              f"Every layout gets {budget_mib:g} MiB of KV cache per rank and runs the largest "
              "batch (a multiple of its micro-batches) whose cache fits (the cost model's "
