@@ -6,7 +6,7 @@ PYTHON ?= $(shell scripts/find_python.sh)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements-ci.txt setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast ab ab-long plan bench-attention gpu-check venv clean
+.PHONY: demo test test-fast ab ab-long ab-kv-budget plan bench-attention gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -21,11 +21,17 @@ demo: $(STAMP)
 	$(PY) -m megatron_mxn.demo
 
 ab: $(STAMP)
-	$(PY) scripts/ab_compare.py --config configs/cpu_dense.yaml --config configs/cpu_moe.yaml --run ab-cpu
+	$(PY) scripts/ab_compare.py --config configs/cpu_dense.yaml --config configs/cpu_moe.yaml \
+		--layouts baseline,grid,tp,tp_fused --run ab-cpu
 
 ab-long: $(STAMP)  # the context sweep: ~11 min on 2 CPU cores (README)
-	$(PY) scripts/ab_compare.py --config configs/cpu_long.yaml --layouts baseline,tp,grid,grid_dims \
-		--prompt-lengths 512,2048,4096,8192 --run ab-long
+	$(PY) scripts/ab_compare.py --config configs/cpu_long.yaml \
+		--layouts baseline,tp,tp_fused,grid,grid_dims --prompt-lengths 512,2048,4096,8192 --run ab-long
+
+ab-kv-budget: $(STAMP)  # every layout at the same KV-cache budget per rank, its largest batch
+	$(PY) scripts/ab_compare.py --config configs/cpu_long.yaml \
+		--layouts tp,tp_fused,baseline,grid,grid_1x4 --prompt-lengths 2048,4096,8192 \
+		--kv-budget-mib 8 --run ab-kv-budget
 
 plan: $(STAMP)
 	$(PY) -m megatron_mxn.tools.plan --config configs/paper_dense.yaml

@@ -10,6 +10,7 @@ algorithms NCCL and gloo use for large messages: an all-reduce of S bytes over G
 from __future__ import annotations
 
 import importlib
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -68,12 +69,15 @@ class CommCounter:
     `mark_inside(modules)` tags the records issued inside those modules' forward.
     `counts` maps each distinct CommRecord to its number of calls, and `layer_bytes` the bytes
     sent inside each marked module by group ((layer number, group) -> bytes): two dict updates
-    per collective, cheap enough to leave on.
+    per collective, cheap enough to leave on. `seconds` is the wall time spent inside the
+    recorded collectives, by (group, inside): on blocking backends (gloo) the collective's own
+    time plus the wait for the slowest rank, the rest of a step being compute.
     """
 
     def __init__(self, labels: Optional[Dict[str, object]] = None):
         self.counts: Counter = Counter()
         self.layer_bytes: Counter = Counter()
+        self.seconds: Counter = Counter()
         self.inside = True  # switched by mark_inside's hooks
         self.layer = None  # the marked module running now (its layer_number, or its index)
         self.recording = True  # switched by the caller
@@ -100,6 +104,10 @@ class CommCounter:
                 self.counts[record] += 1
                 if self.layer is not None:
                     self.layer_bytes[(self.layer, record.group)] += record.sent_bytes
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                self.seconds[(record.group, record.inside)] += time.perf_counter() - start
+                return out
             return fn(*args, **kwargs)
 
         counted.__wrapped__ = fn
@@ -161,6 +169,11 @@ class CommCounter:
         start again too."""
         counts, self.counts, self.layer_bytes = self.counts, Counter(), Counter()
         return counts
+
+    def reset_seconds(self) -> Counter:
+        """Return the seconds in collectives so far ({(group, inside): s}) and start again."""
+        seconds, self.seconds = self.seconds, Counter()
+        return seconds
 
 
 # Helpers on counts ({CommRecord: calls}) and per-layer bytes ({(layer, group): bytes}), for

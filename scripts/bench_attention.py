@@ -3,9 +3,11 @@
     python scripts/bench_attention.py [--world 4] [--seqs 1024,2048,4096,8192,16384]
 
 On N gloo ranks on CPU (one GPU: scripts/gpu_check.sh checks the kernels and one rank's share), for
-megatron-core's own attention at TP=N and every grid n x m of N ranks under each exact schedule:
+megatron-core's own attention at TP=N (its unfused core, and `TP=N fused`: the same layout on
+the plugin's fused kernels, --mxn-tp-core fused) and every grid n x m of N ranks under each
+exact schedule:
 time of forward + backward (min and median of --repeats), peak memory growth per rank (max over
-ranks) and bytes each rank sends. Ratios are taken against TP=N in the same run. Layouts whose
+ranks) and bytes each rank sends. Ratios are taken against TP=N and TP=N fused in the same run. Layouts whose
 s_q x s_k score matrices would not fit (--score-budget-gib per rank) are skipped and said so.
 Writes a Markdown table (--out PREFIX.md) and a PNG of time and memory against s (PREFIX.png).
 """
@@ -37,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layouts", default=None,
-                   help="comma-separated, e.g. tp,2x2:seq,1x4:seq (default: TP and every grid "
-                        "under each schedule)")
+                   help="comma-separated, e.g. tp,tp_fused,2x2:seq,1x4:seq (default: TP, TP "
+                        "fused and every grid under each schedule)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--score-budget-gib", type=float, default=1.5,
                    help="skip a layout whose fp32 scores would exceed this per rank")
@@ -48,25 +50,30 @@ def parse_args(argv=None):
 
 
 def layouts(world: int, spec: str = None):
-    """[(name, n, m, schedule)]: TP=world first, then grids n x m (m > 1) per schedule."""
+    """[(name, n, m, schedule)]: TP=world (megatron's core, then the fused core) first, then
+    grids n x m (m > 1) per schedule."""
+    tp = [(f"TP={world}", world, 1, "exact"), (f"TP={world} fused", world, 1, "fused")]
     if spec:
         out = []
         for item in spec.split(","):
             if item == "tp":
-                out.append((f"TP={world}", world, 1, "exact"))
+                out.append(tp[0])
+            elif item == "tp_fused":
+                out.append(tp[1])
             else:
                 grid, schedule = item.split(":")
                 n, m = map(int, grid.split("x"))
                 out.append((f"grid {n}x{m} {schedule}", n, m, schedule))
         return out
-    return [(f"TP={world}", world, 1, "exact")] + [
+    return tp + [
         (f"grid {world // m}x{m} {s}", world // m, m, s)
         for m in range(2, world + 1) if world % m == 0 for s in SCHEDULES]
 
 
 def score_bytes(args, n: int, m: int, schedule: str, s: int) -> float:
-    """Per-rank fp32 scores the layout materialises (0 for the fused sequence-split core)."""
-    if m > 1 and not get_schedule(schedule).builds_scores:
+    """Per-rank fp32 scores the layout materialises (0 for the fused sequence-split core and
+    the fused TP core)."""
+    if schedule == "fused" or (m > 1 and not get_schedule(schedule).builds_scores):
         return 0.0
     return args.batch * args.heads // n * s * s * 4.0
 
@@ -101,6 +108,7 @@ def run_rank(args):
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     from megatron_mxn.accounting import CommCounter, group_labels
+    from megatron_mxn.attention.spec import get_fused_tp_layer_spec
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = "cuda" if args.device == "cuda" else "cpu"
@@ -117,12 +125,14 @@ def run_rank(args):
                 num_layers=1, hidden_size=hidden, ffn_hidden_size=4 * hidden,
                 num_attention_heads=args.heads, num_query_groups=args.kv_heads,
                 kv_channels=args.head_dim, tensor_model_parallel_size=n * m, mxn_dim_slices=m,
-                mxn_attention=schedule, params_dtype=dtype, bf16=args.dtype == "bf16",
+                mxn_attention=schedule if m > 1 else "auto", params_dtype=dtype, bf16=args.dtype == "bf16",
                 fp16=args.dtype == "fp16", hidden_dropout=0.0, attention_dropout=0.0,
                 use_cpu_initialization=device == "cpu")
             spec = get_gpt_layer_local_spec()
             if m > 1:
                 spec = megatron_mxn.get_mxn_layer_spec(spec, rotary_percent=0.0)
+            elif schedule == "fused":
+                spec = get_fused_tp_layer_spec(spec)
             block = TransformerBlock(config, spec, pg_collection=pgs).to(device)
             x = torch.randn(s, args.batch, hidden, dtype=dtype, device=device,
                             requires_grad=True)
@@ -177,21 +187,29 @@ def table(rows, args) -> str:
              f"mask tensor), forward + backward, {args.world} ranks on {args.device}; "
              f"{args.repeats} timed repeats after one warm-up; time: slowest rank's median "
              "[min]; memory: peak growth per rank during the timed repeats; ratios against "
-             f"TP={args.world} at the same s.", "",
-             "| s | layout | time (s) | time / TP | peak memory growth / rank | memory / TP | "
-             "sent / rank / step |", "|---|---|---|---|---|---|---|"]
-    ref = {r["s"]: r for r in rows if r["layout"].startswith("TP=") and "median_s" in r}
+             f"TP={args.world} (megatron-core's unfused core) and TP={args.world} fused (the same "
+             "layout on the plugin's fused kernels) at the same s.", "",
+             "| s | layout | time (s) | time / TP | time / TP fused | peak memory growth / rank "
+             "| memory / TP | memory / TP fused | sent / rank / step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    ref = {r["s"]: r for r in rows if r["layout"] == f"TP={args.world}" and "median_s" in r}
+    fused = {r["s"]: r for r in rows
+             if r["layout"] == f"TP={args.world} fused" and "median_s" in r}
     for r in rows:
         if r.get("skipped"):
             lines.append(f"| {r['s']} | {r['layout']} | skipped: its s x s scores exceed "
-                         f"{args.score_budget_gib} GiB / rank | | | | |")
+                         f"{args.score_budget_gib} GiB / rank | | | | | | |")
             continue
-        base = ref.get(r["s"])
-        t_ratio = f"{r['median_s'] / base['median_s']:.2f}x" if base else "-"
-        m_ratio = f"{r['grow'] / base['grow']:.2f}x" if base and base["grow"] > 0 else "-"
+
+        def ratios(base):
+            t = f"{r['median_s'] / base['median_s']:.2f}x" if base else "-"
+            m = f"{r['grow'] / base['grow']:.2f}x" if base and base["grow"] > 0 else "-"
+            return t, m
+
+        (t_tp, m_tp), (t_fused, m_fused) = ratios(ref.get(r["s"])), ratios(fused.get(r["s"]))
         lines.append(f"| {r['s']} | {r['layout']} | {r['median_s']:.2f} [{r['min_s']:.2f}] | "
-                     f"{t_ratio} | {format_bytes(r['grow'], smallest='MiB')} | {m_ratio} | "
-                     f"{format_bytes(r['sent'], smallest='MiB')} |")
+                     f"{t_tp} | {t_fused} | {format_bytes(r['grow'], smallest='MiB')} | {m_tp} "
+                     f"| {m_fused} | {format_bytes(r['sent'], smallest='MiB')} |")
     return "\n".join(lines)
 
 

@@ -82,7 +82,8 @@ def cpu_dense_ab(tmp_path_factory):
     results = tmp_path_factory.mktemp("ab")
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "ab_compare.py"), "--config",
-         str(REPO / "configs" / "cpu_dense.yaml"), "--results-dir", str(results), "--run", "ab",
+         str(REPO / "configs" / "cpu_dense.yaml"), "--layouts", "baseline,grid,tp,tp_fused",
+         "--results-dir", str(results), "--run", "ab",
          "--repeats", "2", "--max-new-tokens", "4", "--mxn-log-comm"],
         capture_output=True, text=True, timeout=900,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

@@ -29,7 +29,8 @@ def test_every_layout_expands_for_pretrain_and_generate(path, known):
             argv = expand_config_args(["--config", str(path), "--layout", layout, "--lr", "1"],
                                       known[section], section)
             assert argv[-2:] == ["--lr", "1"]  # explicit flags come last, so they win
-            assert "--num-layers" in argv and argv[argv.index("--num-layers") + 1] == "4"
+            layers = "80" if path.stem == "llama70b_gqa" else "4"  # (the planner's 70B model)
+            assert "--num-layers" in argv and argv[argv.index("--num-layers") + 1] == layers
 
 
 def test_layout_flags_are_what_the_config_says():
@@ -54,7 +55,7 @@ def test_unknown_key_names_the_closest_flag(tmp_path, known):
 
 def test_unknown_layout_lists_the_layouts():
     with pytest.raises(MxnConfigError, match=r"no layout 'grid4' \(layouts: \['baseline', "
-                                             r"'grid', 'tp'\]\)"):
+                                             r"'grid', 'tp', 'tp_fused'\]\)"):
         expand_config_args(["--config", str(CONFIGS[0]), "--layout", "grid4"])
 
 

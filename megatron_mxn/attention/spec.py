@@ -81,6 +81,30 @@ def _check_replaceable(module, core) -> None:
             "not run")
 
 
+def get_fused_tp_layer_spec(base_spec):
+    """`base_spec` (as get_mxn_layer_spec takes it) for plain TP (m = 1) with megatron-core's
+    SelfAttention unchanged and its core attention computed by the plugin's fused kernels
+    (fused_core.FusedDotProductAttention): the TP baseline with the grid's kernels."""
+    from megatron_mxn.attention.fused_core import FusedDotProductAttention
+
+    spec = copy.deepcopy(base_spec)
+    for layer in _layer_specs(spec):
+        attn = getattr(layer.submodules, "self_attention", None)
+        module = attn.module if isinstance(attn, ModuleSpec) else attn
+        if isinstance(module, tuple):
+            module = import_module(module)
+        if module is not SelfAttention:
+            raise MxnConfigError(f"the layer spec's self_attention ({module}) is not "
+                                 "megatron-core's SelfAttention; the fused TP core replaces only "
+                                 "that one's core")
+        if attn.submodules.core_attention is FusedDotProductAttention:
+            continue  # (a block spec may list one layer spec object several times)
+        _check_replaceable(module, attn.submodules.core_attention)
+        attn.submodules = copy.copy(attn.submodules)
+        attn.submodules.core_attention = FusedDotProductAttention
+    return spec
+
+
 def _layer_specs(spec):
     if isinstance(spec, TransformerBlockSubmodules):
         return spec.layer_specs

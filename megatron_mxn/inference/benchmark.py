@@ -8,6 +8,7 @@ and the bytes each group sends and the collectives it issues per layer and decod
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
 
 from megatron_mxn.accounting import (
@@ -53,13 +54,16 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
                   f"{step}/{gen.max_new_tokens - 1}", flush=True)
 
     # The first timed generation is counted step by step; the others are only timed.
-    runs, per_step, layer_bytes = [], [], Counter()
+    runs, per_step, layer_bytes, seconds = [], [], Counter(), []
+    cpu_marks = [time.process_time()]  # this process's CPU time at the end of each step
     with CommCounter(group_labels()) as counter:
         counter.mark_inside(layers)
 
         def end_of_step():
             layer_bytes.update(counter.layer_bytes)
             per_step.append(counter.reset())
+            seconds.append(counter.reset_seconds())
+            cpu_marks.append(time.process_time())
 
         def before_step(step):
             if step > 0:
@@ -74,6 +78,7 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
                              before_step=lambda step, repeat=repeat: progress(step, repeat),
                              **options))
     decode = sum(per_step[1:], Counter())
+    decode_seconds = sum(seconds[1:], Counter())
     if args.mxn_log_comm:
         _print_comm(per_step, decode, len(layers), gen.max_new_tokens - 1,
                     bytes_by_layer(layer_bytes))
@@ -94,6 +99,9 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
                             for k, v in calls_by_group(decode, inside=True).items()},
         "comm_per_step_outside_layers": {
             k: v / decode_steps for k, v in sent_bytes_by_group(decode, inside=False).items()},
+        "comm_s_per_step": {f"{g}{'' if inside else ' (outside layers)'}": v / decode_steps
+                            for (g, inside), v in decode_seconds.items()},
+        "cpu_s_per_step": (cpu_marks[-1] - cpu_marks[1]) / max(len(cpu_marks) - 2, 1),
         "ttft_s": [r.ttft_s for r in runs],
         "tpot_s": [t for r in runs for t in r.tpot_s],
         "tpot_runs": [r.tpot_s for r in runs],
@@ -137,6 +145,13 @@ def benchmark(gen, args, cpu: bool, model, pgs, prompt, micro: int, options: dic
             r["calls_per_layer"] for r in everyone),
         "comm_bytes_per_decode_step_outside_layers": _max_by_key(
             r["comm_per_step_outside_layers"] for r in everyone),
+        # the wall time inside collectives per decode step (first timed generation), by group:
+        # the rank that spent the most; TPOT minus their sum is roughly its compute
+        "comm_seconds_per_decode_step": _max_by_key(r["comm_s_per_step"] for r in everyone),
+        "comm_seconds_per_decode_step_total": max(sum(r["comm_s_per_step"].values())
+                                                  for r in everyone),
+        # CPU time of each rank's process (its threads, gloo's included) per decode step
+        "cpu_seconds_per_decode_step": [r["cpu_s_per_step"] for r in everyone],
         "tokens_sha256": last["tokens_sha256"],
         "tokens_head": last["tokens_head"],
         "sampling": describe_sampling(gen, args.seed),
@@ -208,7 +223,8 @@ def layout_name(args, kv_cache: str = "dims") -> str:
         schedule = "" if args.mxn_attention == AUTO else f" {args.mxn_attention}"
         cache = get_kv_cache(kv_cache).label  # (as cost_model.Layout.name)
         return f"grid {args.mxn_head_groups}x{args.mxn_dim_slices}{pp}{schedule}{cache}"
-    return f"TP={args.tensor_model_parallel_size}{pp}"
+    core = " fused" if getattr(args, "mxn_tp_core", "megatron") == "fused" else ""
+    return f"TP={args.tensor_model_parallel_size}{pp}{core}"
 
 
 def _max_by_key(dicts) -> dict:
@@ -217,6 +233,26 @@ def _max_by_key(dicts) -> dict:
         for k, v in d.items():
             out[k] = max(out.get(k, 0.0), v)
     return dict(sorted(out.items()))
+
+
+def comm_time(r: dict) -> str:
+    """The wall time a decode step spent inside collectives (total: the busiest rank), by
+    group, in ms; '' for a report without it."""
+    by_group = r.get("comm_seconds_per_decode_step")
+    if by_group is None:
+        return ""
+    return (f"{r['comm_seconds_per_decode_step_total'] * 1e3:.1f} ms ("
+            + ", ".join(f"{g} {v * 1e3:.1f}" for g, v in by_group.items()) + ")")
+
+
+def cpu_time(r: dict) -> str:
+    """The CPU time of a decode step, summed over the ranks and of the busiest rank, in ms;
+    '' for a report without it. With more ranks than cores, the sum over the cores bounds
+    the TPOT from below."""
+    per_rank = r.get("cpu_seconds_per_decode_step")
+    if not per_rank:
+        return ""
+    return f"{sum(per_rank) * 1e3:.1f} ms (busiest rank {max(per_rank) * 1e3:.1f})"
 
 
 def format_report(r: dict) -> str:
@@ -247,6 +283,8 @@ def format_report(r: dict) -> str:
         ("collectives / layer / decode step", format_calls(
             r["comm_collectives_per_layer_per_decode_step"])),
         ("sent / decode step outside layers", outside),
+        ("in collectives / decode step", comm_time(r)),
+        ("CPU time / decode step", cpu_time(r)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(["| metric | value |", "|---|---|"]

@@ -121,6 +121,10 @@ def run(gen, args, cpu: bool):
                                                          wrap_with_ddp=False)
     load_checkpoint(chunks, None, None)
     model = chunks[0].eval()
+    if args.mxn_tp_core == "fused":
+        from megatron_mxn.attention.fused_core import check_fused_model
+
+        check_fused_model(model)
 
     def tokenizer():
         from megatron.training import get_tokenizer

@@ -40,6 +40,12 @@ def add_mxn_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "attention. sliced: the seed paper's per-slice softmax, a "
                             "DIFFERENT model (h*m heads of d/m dims), never equivalent to "
                             "exact; checkpoints record it and do not mix with exact ones.")
+    group.add_argument("--mxn-tp-core", choices=("megatron", "fused"), default="megatron",
+                       help="plain TP only (m = 1): the core attention of megatron-core's "
+                            "SelfAttention. megatron (default): megatron-core's own; fused: "
+                            "the plugin's fused kernels (torch SDPA flash, no s x s scores), "
+                            "the kernels the grid's seq core and position-sharded KV cache "
+                            "run: TP with like kernels, as a baseline for the grid")
     group.add_argument("--mxn-log-comm", action="store_true",
                        help="count every collective (op, group, bytes, calls) and print a "
                             "per-layer, per-step table (generation) or per-iteration bytes "
@@ -134,6 +140,9 @@ def resolve_mxn_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--mxn-dim-slices {m} = {n * m}; give the grid or the TP size, not both")
     args.mxn_head_groups, args.mxn_dim_slices = n, m
     args.tensor_model_parallel_size = n * m
+    if m > 1 and getattr(args, "mxn_tp_core", "megatron") != "megatron":
+        raise MxnConfigError(f"--mxn-tp-core {args.mxn_tp_core} is for plain TP (m = 1); the "
+                             f"grid (--mxn-dim-slices {m}) runs its own core (--mxn-attention)")
     if m > 1 and getattr(args, "context_parallel_size", 1) > 1:
         raise MxnConfigError("context parallelism cannot be combined with --mxn-dim-slices > 1")
     if not standard_attention(getattr(args, "mxn_attention", "auto")) and m > 1 and \

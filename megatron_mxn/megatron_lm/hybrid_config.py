@@ -31,6 +31,9 @@ def mxn_hybrid_config_from_args(args) -> "MxnHybridModelConfig":
     check_hybrid_pattern(args.hybrid_layer_pattern)
     config = mxn_transformer_config_from_args(args)
     check_grid_options(args, config)
+    if getattr(args, "mxn_tp_core", "megatron") != "megatron":
+        raise MxnConfigError("--mxn-tp-core fused is for GPT models; hybrid models run "
+                             "megatron's core under plain TP")
     if config.mxn_dim_slices > 1 and getattr(args, "spec", None) is not None:
         raise MxnConfigError(
             f"--spec {' '.join(args.spec)} would replace the grid's hybrid stack spec, so no "

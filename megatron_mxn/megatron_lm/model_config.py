@@ -37,6 +37,9 @@ def mxn_gpt_config_from_args(args, model_config_cls=None):
     if args.mxn_dim_slices > 1:
         cfg.transformer_layer_spec = GridLayerSpec(args.mxn_dim_slices,
                                                    cfg.transformer_layer_spec)
+    elif getattr(args, "mxn_tp_core", "megatron") == "fused":
+        cfg.transformer_layer_spec = GridLayerSpec(1, cfg.transformer_layer_spec,
+                                                   fused_tp=True)
     return cfg
 
 
@@ -54,22 +57,25 @@ def check_grid_options(args, config) -> None:
 
 class GridLayerSpec:
     """`GPTModelConfig.transformer_layer_spec` callable: the base spec (megatron's default for
-    the config when none) with the grid attention. Pure: the builder made the groups first."""
+    the config when none) with the grid attention, or (fused_tp, m = 1) with megatron's
+    attention on the fused core. Pure: the builder made the groups first."""
 
-    def __init__(self, dim_slices: int, base=None):
-        self.dim_slices, self.base = dim_slices, base
+    def __init__(self, dim_slices: int, base=None, fused_tp: bool = False):
+        self.dim_slices, self.base, self.fused_tp = dim_slices, base, fused_tp
 
     def __call__(self, model_config, vp_stage: Optional[int] = None):
         from megatron.training.models.gpt import default_layer_spec
 
         from megatron_mxn.attention.self_attention import model_rotary_percent
-        from megatron_mxn.attention.spec import get_mxn_layer_spec
+        from megatron_mxn.attention.spec import get_fused_tp_layer_spec, get_mxn_layer_spec
 
         base = self.base
         if base is None:
             base = default_layer_spec(model_config, vp_stage)
         elif callable(base) and not hasattr(base, "submodules"):
             base = base(model_config)
+        if self.fused_tp:  # (m = 1: megatron's attention, the fused core)
+            return get_fused_tp_layer_spec(base)
         rotary = model_rotary_percent(model_config.position_embedding_type,
                                       model_config.rotary_percent)
         return get_mxn_layer_spec(base, dim_slices=self.dim_slices, rotary_percent=rotary)

@@ -15,6 +15,9 @@ every job is kept under `<results-dir>/<run>/`; a failed layout is reported, not
 `<run>-context.png` plots median TPOT and the bytes each group sends per layer and decode step
 against the prompt length. A point whose megatron-core prefill would build s x s attention
 scores too large for `--memory-budget-gib` over all ranks is skipped with a message.
+
+`--kv-budget-mib X` gives every layout the same KV-cache budget per rank and runs the largest
+batch each can hold (megatron_mxn/tools/kv_budget.py).
 """
 
 from __future__ import annotations
@@ -22,18 +25,24 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from megatron_mxn.megatron_lm.run_configs import flag_keys, load_config
-from megatron_mxn.cpu.launch import free_port
-
-REPO = Path(__file__).resolve().parents[2]  # (megatron_mxn/tools/ab_compare.py)
+from megatron_mxn.tools.ab_jobs import (  # noqa: F401 (prefill_score_bytes: tests, docs)
+    Launcher,
+    _calls,
+    _extra_value,
+    _kib,
+    make_checkpoint,
+    memory_budget_bytes,
+    per_repeat_values,
+    prefill_score_bytes,
+    run_job,
+    spread,
+    too_large,
+)
 
 # (key in a generate report's per-repeat entry, column title, scale, unit, better)
 METRICS = [
@@ -72,6 +81,11 @@ def parse_args(argv=None):
                    help="CPU (gloo) configs: skip a layout and prompt length whose megatron-core "
                         "prefill scores (s x s per head, over the node's ranks) exceed this "
                         "(default: half the memory available when the job starts)")
+    p.add_argument("--kv-budget-mib", type=float, default=None,
+                   help="equal KV-cache budget per rank (MiB): each layout runs the largest "
+                        "batch whose KV cache per rank fits it, at each prompt length "
+                        "(megatron_mxn/tools/kv_budget.py); reports the batch reached, output "
+                        "tokens/s and TPOT")
     args, generate_extra = p.parse_known_args(argv)
     if args.load and len(args.config) > 1:
         p.error("--load goes with a single --config")
@@ -82,6 +96,12 @@ def parse_args(argv=None):
         p.error(f"--prompt-lengths sets the prompts; drop {sorted(clash)}")
     args.generate_extra = generate_extra  # e.g. --max-new-tokens 8, passed to every layout
     args.layouts = [x for x in args.layouts.split(",") if x]
+    if args.kv_budget_mib is not None:
+        from megatron_mxn.tools.kv_budget import check_budget_args
+
+        error = check_budget_args(args)
+        if error:
+            p.error(error)
     return args
 
 
@@ -99,112 +119,16 @@ def prompt_lengths(text: str) -> List[int]:
     return lengths
 
 
-def prefill_score_bytes(cfg: dict, layout: str, batch: int, length: int,
-                        chunk: Optional[int] = None) -> int:
-    """Estimated peak bytes per rank of a megatron-core (TP x PP) layout's prefill attention:
-    its unfused core holds ~3 [micro-batch, heads / TP, chunk, s] tensors (the scores, their
-    masked/scaled copy, the probabilities). 0 for a grid: its prefill core is O(s)."""
-    model = flag_keys(cfg.get("model"))
-    flags = flag_keys(cfg["layouts"][layout])
-    if int(flags.get("mxn-dim-slices") or 1) > 1:
-        return 0
-    tp = int(flags.get("tensor-model-parallel-size") or 1)
-    micro = int((cfg.get("inference") or {}).get("inference-micro-batches") or 0) or int(
-        flags.get("pipeline-model-parallel-size") or 1)
-    elem = 2 if (model.get("fp16") or model.get("bf16")) else 4
-    heads = -(-int(model["num-attention-heads"]) // tp)
-    return 3 * max(batch // micro, 1) * heads * min(chunk or length, length) * length * elem
+def comm_time(report: dict) -> str:
+    from megatron_mxn.inference.benchmark import comm_time  # (imports torch: not at start-up)
+
+    return comm_time(report)
 
 
-def memory_budget_bytes(gib: Optional[float]) -> Optional[float]:
-    """--memory-budget-gib, or half of MemAvailable (Linux: the other half for the processes
-    themselves and the rest of the machine); None: unknown, no check."""
-    if gib is not None:
-        return gib * 2**30
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-    return 0.5 * kib * 1024
+def cpu_time(report: dict) -> str:
+    from megatron_mxn.inference.benchmark import cpu_time  # (imports torch: not at start-up)
 
-
-def _extra_value(extra: List[str], flag: str) -> Optional[str]:
-    """The value of `flag` among the pass-through generate flags (last one wins)."""
-    value = None
-    for k, a in enumerate(extra):
-        if a == flag and k + 1 < len(extra):
-            value = extra[k + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
-
-
-class Launcher:
-    """Builds the command line of one distributed job (torchrun here, or srun + torchrun)."""
-
-    def __init__(self, kind: str, nnodes: int, nproc: int):
-        self.kind, self.nnodes, self.nproc = kind, nnodes, nproc
-        self.port = int(os.environ.get("MASTER_PORT", "0")) or free_port()
-
-    def command(self, target: List[str]) -> List[str]:
-        self.port += 1  # a fresh rendezvous port per job
-        torchrun = [sys.executable, "-m", "torch.distributed.run",
-                    f"--nproc-per-node={self.nproc}"]
-        if self.kind == "torchrun":
-            return torchrun + [f"--nnodes={self.nnodes}", f"--master-port={self.port}", *target]
-        addr = os.environ.get("MASTER_ADDR")
-        if not addr:
-            raise SystemExit("--launcher srun needs MASTER_ADDR (the sbatch scripts set it)")
-        return ["srun", f"--nodes={self.nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-                *torchrun, f"--nnodes={self.nnodes}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={addr}:{self.port}", *target]
-
-
-def run_job(cmd: List[str], log: Path, what: str, timeout: int) -> bool:
-    """Run one job, its output in `log`; progress on stdout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    print(f"[ab] {what}: {' '.join(cmd)}\n[ab]   log: {log}", flush=True)
-    start = time.monotonic()
-    with open(log, "w") as f:
-        try:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    print(f"[ab]   {what}: {'ok' if code == 0 else f'FAILED ({code})'} in "
-          f"{time.monotonic() - start:.0f} s", flush=True)
-    return code == 0
-
-
-def per_repeat_values(report: dict) -> Dict[str, List[float]]:
-    """Each metric's value in each timed repeat of one generate report."""
-    rows = report["repeats"]
-    return {"output_tokens_per_s": [r["output_tokens_per_s"] for r in rows],
-            "total_tokens_per_s": [r["total_tokens_per_s"] for r in rows],
-            "tpot_median_s": [r["tpot_s"]["median"] for r in rows],
-            "tpot_p90_s": [r["tpot_s"]["p90"] for r in rows],
-            "ttft_s": [r["ttft_s"] for r in rows]}
-
-
-def spread(values: List[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
-
-
-def _kib(x: float) -> str:
-    from megatron_mxn.accounting import format_bytes  # (imports torch: not at start-up)
-
-    return format_bytes(x, smallest="KiB")
-
-
-def _calls(calls: dict) -> str:
-    from megatron_mxn.accounting import format_calls  # (imports torch: not at start-up)
-
-    return format_calls(calls)
+    return cpu_time(report)
 
 
 def model_table(model: str, reports: Dict[str, Optional[dict]],
@@ -221,7 +145,8 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
                   "(excluded). Cells: median [min-max] over the repeats.", ""]
     head = ["layout"] + [f"{t} ({u})" if u else t for _, t, _, u, _ in METRICS] + [
         "KV cache / rank", "peak mem / rank", "sent / layer / decode step / rank",
-        "collectives / layer / decode step", "tokens = baseline"]
+        "collectives / layer / decode step", "in collectives / decode step",
+        "CPU time / decode step (all ranks)", "tokens = baseline"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_hash = ok.get("baseline", {}).get("tokens_sha256")
     for name, r in reports.items():
@@ -240,13 +165,14 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
                 else "yes" if r["tokens_sha256"] == base_hash else "NO")
         lines.append(f"| {r['layout']['name']} | " + " | ".join(
             cells + [_kib(r["kv_cache_bytes_per_rank"]), _kib(r["peak_memory_bytes_per_rank"]),
-                     comm, _calls(r["comm_collectives_per_layer_per_decode_step"]), same]) + " |")
+                     comm, _calls(r["comm_collectives_per_layer_per_decode_step"]),
+                     comm_time(r), cpu_time(r), same]) + " |")
     lines.append("")
     for name, why in (skipped or {}).items():
         lines.append(f"Skipped {name}: {why}.")
     lines.append(f"All layouts {'run ' if skipped else ''}generated identical tokens: "
                  f"{'yes' if len(hashes) == 1 and len(ok) == len(reports) else 'NO'}.")
-    for other in ("baseline", "tp"):
+    for other in ("baseline", "tp", "tp_fused"):
         if "grid" in ok and other in ok:
             g, o = per_repeat_values(ok["grid"]), per_repeat_values(ok[other])
             parts = [f"{title} x{statistics.median(g[k]) / statistics.median(o[k]):.2f}"
@@ -359,18 +285,6 @@ def write_context_chart(path: Path, sweeps: Dict[str, Dict[int, Dict[str, Option
     plt.close(fig)
 
 
-def make_checkpoint(cfg_path: str, workdir: Path, launcher: Launcher, timeout: int) -> Path:
-    ckpt = workdir / "checkpoint"
-    if (ckpt / "latest_checkpointed_iteration.txt").exists():
-        print(f"[ab] reusing checkpoint {ckpt}", flush=True)
-        return ckpt
-    cmd = launcher.command([str(REPO / "scripts" / "pretrain_gpt_mxn.py"), "--config", cfg_path,
-                            "--layout", "baseline", "--save", str(ckpt)])
-    if not run_job(cmd, workdir / "pretrain.log", f"checkpoint for {cfg_path}", timeout):
-        raise SystemExit(f"[ab] pretraining the checkpoint failed; see {workdir / 'pretrain.log'}")
-    return ckpt
-
-
 def check_lengths(cfg: dict, cfg_path: str, lengths: List[int], extra: List[str]) -> None:
     """Every prompt length plus the new tokens fits the model's positions (before any job)."""
     model = flag_keys(cfg.get("model"))
@@ -381,24 +295,6 @@ def check_lengths(cfg: dict, cfg_path: str, lengths: List[int], extra: List[str]
     if too_long:
         raise SystemExit(f"{cfg_path}: prompt length(s) {too_long} + {new} new tokens exceed "
                          f"max-position-embeddings ({limit})")
-
-
-def too_large(cfg: dict, name: str, length: int, args) -> Optional[str]:
-    """Why the layout's prefill at this prompt length would not fit in memory, or None."""
-    batch = int(_extra_value(args.generate_extra, "--batch-size")
-                or (cfg.get("inference") or {}).get("batch-size") or 8)
-    chunk = _extra_value(args.generate_extra, "--prefill-chunk-size")
-    per_rank = prefill_score_bytes(cfg, name, batch, length, int(chunk) if chunk else None)
-    model = flag_keys(cfg.get("model"))
-    if model.get("distributed-backend") != "gloo":
-        return None  # (GPU ranks: each its own memory, not checked here)
-    ranks = int((cfg.get("cluster") or {}).get("gpus_per_node") or 1)  # (sharing this memory)
-    budget = memory_budget_bytes(args.memory_budget_gib)
-    if budget is None or per_rank * ranks <= budget:
-        return None
-    return (f"megatron-core's prefill builds s x s attention scores: ~{_kib(per_rank)} per rank, "
-            f"{_kib(per_rank * ranks)} over {ranks} ranks > the memory budget {_kib(budget)} "
-            "(--memory-budget-gib); use a shorter prompt or --prefill-chunk-size")
 
 
 def main(argv=None) -> int:
@@ -426,6 +322,10 @@ def main(argv=None) -> int:
         model_dir.mkdir(parents=True, exist_ok=True)
         ckpt = Path(args.load) if args.load else make_checkpoint(cfg_path, model_dir, launcher,
                                                                  args.timeout)
+        if args.kv_budget_mib is not None:
+            from megatron_mxn.tools.kv_budget import run_sweep
+
+            return run_sweep(args, cfg, cfg_path, model_dir, ckpt, launcher, run, out_dir)
         for length in args.prompt_lengths or [None]:
             key = model if length is None else f"{model}, prompt {length}"
             tag = "" if length is None else f"-p{length}"

@@ -9,7 +9,9 @@ against measurement), and the time of a step from a roofline per layer (matmul F
 bandwidth) plus alpha-beta collectives, the pipeline's micro-batch slots per step and, for
 training, the data-parallel gradient all-reduce. Markdown on stdout; `--out PREFIX`
 also writes PREFIX.csv and PREFIX.png. `--kv-cache-sweep` instead compares the grid's two KV
-caches with TP over context length x batch (decode bytes, KV memory, TPOT).
+caches with TP over context length x batch (decode bytes, KV memory, TPOT). `--kv-budget GIB`
+instead gives the config's layouts the same KV-cache memory per GPU and predicts the largest
+batch each holds at each of `--prompts` and what it delivers (megatron_mxn.analysis.budget).
 
 The predictions are megatron_mxn.analysis.planner's; this module writes them out.
 """
@@ -23,6 +25,7 @@ from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
 from megatron_mxn.accounting import format_bytes
+from megatron_mxn.analysis.budget import BudgetRow, budget_rows
 from megatron_mxn.analysis.cost_model import Layout, ModelShape, check_layout
 from megatron_mxn.analysis.planner import (
     BASELINE,
@@ -173,6 +176,41 @@ def kv_cache_sweep(model: ModelShape, cluster: Cluster, layouts: List[Layout],
     return "\n".join(lines)
 
 
+def budget_markdown(rows: List[BudgetRow], model_name: str, cluster: Cluster, budget_gib: float,
+                    new_tokens: int, prefill_chunk: int) -> str:
+    """The --kv-budget table: per prompt length and layout, the batch reached and its
+    predicted times; ratios against the config's `tp` layout at the same prompt."""
+    chunks = f", prefill chunks of {prefill_chunk}" if prefill_chunk else ""
+    cols = ["prompt", "layout", "KV/GPU per sequence", "batch reached", "KV/GPU", "memory/GPU",
+            "TTFT ms", "TPOT ms", "decode tokens/s", "tokens/s", "batch vs tp",
+            "decode tokens/s vs tp"]
+    lines = [f"## {model_name} on {cluster.name} ({cluster.gpus} GPUs): the largest batch at "
+             f"{budget_gib:g} GiB of KV cache per GPU, {new_tokens} new tokens{chunks}", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    ref = {r.prompt: r for r in rows if r.name == "tp"}
+    for r in rows:
+        p, base = r.prediction, ref.get(r.prompt)
+        label = f"{r.layout} (config: {r.name})"
+        if p is None:
+            lines.append(f"| {r.prompt // 1024}K | {label} | {_mib(r.per_sequence_B)} | 0 | | | "
+                         "| | | | | |")
+            continue
+        fits = "" if p.fits else " (does not fit)"
+        vs = (lambda a, b: f"{a / b:.2f}x" if b else "-")
+        lines.append("| " + " | ".join([
+            f"{r.prompt // 1024}K", label, _mib(r.per_sequence_B), str(r.batch), _mib(r.kv_B),
+            _mib(p.memory_B) + fits, f"{p.ttft_s * 1e3:.0f}", f"{p.tpot_s * 1e3:.2f}",
+            f"{r.decode_tokens_per_s:.0f}", f"{p.tokens_per_s:.0f}",
+            vs(r.batch, base.batch if base else 0),
+            vs(r.decode_tokens_per_s, base.decode_tokens_per_s if base else 0)]) + " |")
+    lines += ["", f"batch reached: the largest batch (over the DP replicas, a multiple of the "
+              "micro-batches) whose KV cache per GPU fits the budget; decode tokens/s: batch / "
+              "TPOT; tokens/s: batch x new tokens over the whole generation (prefill included). "
+              "Predicted, not measured: roofline per layer at "
+              f"{cluster.efficiency:.0%} of peak, alpha-beta collectives, ring all-reduce."]
+    return "\n".join(lines)
+
+
 def write_csv(path: str, rows: List[Prediction]) -> None:
     """One line per layout, a column per field (Prediction.as_row)."""
     table = [r.as_row() for r in rows]
@@ -233,6 +271,12 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072",
                    help="--kv-cache-sweep: KV positions after the generation (comma-separated)")
     p.add_argument("--batches", default="1,8,32", help="--kv-cache-sweep: batch sizes")
+    p.add_argument("--kv-budget", type=float, default=None, metavar="GIB",
+                   help="instead: every layout of the config gets GIB of KV cache per GPU; the "
+                        "largest batch each holds at each of --prompts and its predicted "
+                        "TTFT, TPOT and tokens/s")
+    p.add_argument("--prompts", default=None,
+                   help="--kv-budget: prompt lengths (comma-separated; default: the config's)")
     p.add_argument("--grids", default=None,
                    help="--kv-cache-sweep: grids n x m (e.g. 4x2,4x4); default: the config's")
     args = p.parse_args(argv)
@@ -253,6 +297,19 @@ def main(argv=None) -> int:
         seq=args.seq or int((cfg.get("model") or {}).get("seq-length", 1024)),
         micro_batch=args.micro_batch, prefill_chunk=args.prefill_chunk)
     name = args.config.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    if args.kv_budget is not None:
+        if args.kv_budget <= 0:
+            raise MxnConfigError("--kv-budget must be > 0 (GiB of KV cache per GPU)")
+        prompts = _ints(args.prompts) if args.prompts else [work.prompt]
+        layouts = {n: next((x for x in xs if x.schedule == AUTO), xs[0])
+                   for n, xs in config_layouts(cfg, cluster.gpus).items()}
+        for layout in layouts.values():
+            check_layout(model, layout)
+        print(budget_markdown(budget_rows(model, cluster, layouts, args.kv_budget * 2**30,
+                                          prompts, work.new_tokens, args.prefill_chunk),
+                              name, cluster, args.kv_budget, work.new_tokens,
+                              args.prefill_chunk))
+        return 0
     if args.kv_cache_sweep:
         print(f"## {name} on {cluster.name} ({cluster.gpus} GPUs): decode with each KV cache\n")
         print(kv_cache_sweep(model, cluster, sweep_layouts(model, cfg, cluster.gpus, args.grids),
