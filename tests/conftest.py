@@ -4,11 +4,16 @@ from tests.pool import WorkerPool
 
 _POOLS = {}
 POOL_FIXTURES = {"pool2", "pool4", "pool8"}
+MAX_THREADS_PER_RANK = 200  # (a fresh rank has 7; a hybrid MoE case leaves ~125)
 
 
 def get_pool(world_size: int) -> WorkerPool:
-    """The session's pool of `world_size` ranks, restarted if a previous case killed it."""
+    """The session's pool of `world_size` ranks, restarted if a previous case killed it or
+    left its ranks with too many threads (tests/pool.py: destroyed gloo groups that C++ still
+    holds keep theirs, and hundreds of them slow every later case)."""
     pool = _POOLS.get(world_size)
+    if pool is not None and pool.alive and pool.max_threads() > MAX_THREADS_PER_RANK:
+        pool.close()
     if pool is None or not pool.alive:
         pool = _POOLS[world_size] = WorkerPool(world_size)
     return pool

@@ -55,11 +55,44 @@ def _reset_parallel_state() -> None:
         if group is not dist.GroupMember.WORLD:
             dist.destroy_process_group(group)
     # A destroyed group lives on (with its gloo threads: a run loop and a TCP loop each) while
-    # a reference cycle (a model and its process-group collection) holds it: collect them now.
-    # Measured after three equivalence cases: 84 threads per rank without, 24 with. Not all:
-    # a decode case still leaves ~12, an MoE case ~60 (held outside Python's reach; found
-    # by counting, not yet fixed), so a rank of a long session still gathers a few hundred.
+    # something holds it: megatron-core's RotaryEmbedding.forward is an lru_cache over `self`
+    # (up to 32 modules, each with its cp group), MoE's global metrics tracker keeps each
+    # entry's reduce group, and a model and its process-group collection form reference
+    # cycles. Measured on three decode cases: 24 threads per rank after them, 6 (the start)
+    # once the caches are cleared and the cycles collected. A hybrid MoE case (a DDP-wrapped
+    # model) still leaves ~125 (43 groups held from C++, not found): the second no longer adds
+    # to them once leftover modules are emptied, and conftest.get_pool restarts a pool whose
+    # ranks pass MAX_THREADS_PER_RANK.
+    _clear_megatron_caches()
     gc.collect()
+    _empty_leftover_modules()
+
+
+def _empty_leftover_modules() -> None:
+    """A case's modules that outlive it are held from C++ (megatron's DDP registers hooks on
+    the parameters' grad accumulators, whose closures hold the DDP module): empty them, so that
+    their process groups and parameters go. No module outlives a case on purpose."""
+    import torch
+
+    leftovers = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]
+    for module in leftovers:
+        module.__dict__.clear()
+    if leftovers:
+        gc.collect()
+
+
+def _clear_megatron_caches() -> None:
+    """Clear megatron-core's lru_caches that keep modules (and their process groups) alive."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
+
+    from megatron.core.transformer.moe import moe_logging
+
+    for cls in (rotary_pos_embedding.RotaryEmbedding,
+                yarn_rotary_pos_embedding.YarnRotaryEmbedding):
+        cached = cls.__dict__.get("forward")
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    moe_logging._MOE_METRICS_TRACKER = None  # (its entries keep their reduce groups)
 
 
 class WorkerPool:
@@ -120,6 +153,16 @@ class WorkerPool:
                                      f"\n{err}") from None
             return errors
         raise AssertionError(f"{fn.__name__} succeeded on every rank: {results}")
+
+    def max_threads(self) -> int:
+        """The most threads any rank has now (Linux /proc; 0 where it cannot be read)."""
+        counts = [0]
+        for p in self.procs:
+            try:
+                counts.append(len(os.listdir(f"/proc/{p.pid}/task")))
+            except OSError:
+                pass
+        return max(counts)
 
     @property
     def alive(self) -> bool:
