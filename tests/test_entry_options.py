@@ -27,6 +27,8 @@ CASES = [
     ("gpt", [*TP4, *LOCAL], "ok"),  # no grid (m = 1): megatron-core's own attention
     ("gpt", [*GRID, "--position-embedding-type", "mrope", "--mrope-section", "2", "2", "4"],
      "position_embedding_type='mrope' is not supported by the grid attention: multimodal RoPE"),
+    ("gpt", [*GRID, "--multi-latent-attention"],
+     "multi_latent_attention=True is not supported by the grid's Megatron-LM entry points"),
     ("hybrid", [*GRID, *HYBRID], "ok"),
     ("hybrid", [*GRID, *HYBRID, "--spec", "my.module", "stack"],
      "--spec my.module stack would replace the grid's hybrid stack spec"),

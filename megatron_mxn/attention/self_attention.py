@@ -351,6 +351,11 @@ def _check_rotary_of_model(model, name, submodule):
 
 def _check_supported(config: TransformerConfig, pg_collection, grid) -> None:
     """The grid against its process groups (the config's options: options.check_config)."""
+    if getattr(config, "multi_latent_attention", False):
+        raise MxnConfigError("multi_latent_attention is set but the layer spec builds "
+                             "SelfAttention: MLA needs megatron's MLA layer spec "
+                             "(get_gpt_layer_local_spec(multi_latent_attention=True)) through "
+                             "get_mxn_layer_spec")
     tp = pg_collection.tp.size()
     if tp != grid.head_groups * grid.dim_slices:
         raise MxnConfigError(f"the TP group ({tp} ranks) must be exactly the grid "
