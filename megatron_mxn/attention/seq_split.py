@@ -43,8 +43,9 @@ def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """query [sq, b, hq, d/m], key/value [sk, b, hk, d/m] (this rank's dims) -> the attention
     output [sq, b, hq, d/m] (this rank's dims; value's own when they differ: MLA). mask: of
     the sq rows against the sk keys (mask.py; each chunk takes its rows, the kernel cuts the
-    keys to the chunk's band). sink: [hq] attention-sink logits. return_kv: return (output, (k, v)) with the all-gathered K/V
-    [sk, b, hk, d] (a prefill fills the position-sharded KV cache from them)."""
+    keys to the chunk's band). sink: [hq] attention-sink logits. return_kv: return (output,
+    (k, v)) with the all-gathered K/V [sk, b, hk, d] (a prefill fills the position-sharded KV
+    cache from them)."""
     m, j = dist.get_world_size(group), dist.get_rank(group)
     sq, b, hq, dl = query.shape
     bounds = chunk_bounds(sq, m)

@@ -124,8 +124,9 @@ def compare_mla_with_tp1(n: int, m: int, schedule: str = "exact", sp: bool = Fal
 
 
 def grid_roundtrip(n: int, m: int, ckpt_dir: str):
-    """Save the grid's MLA model with dist_checkpointing and load it into a fresh one: every
-    parameter comes back (the grid's shards of megatron's keys cover each tensor once)."""
+    """Save the grid's MLA model with dist_checkpointing and load it into a fresh grid model
+    and into megatron's MLA at TP=1: every parameter comes back (the grid's shards of
+    megatron's keys cover each tensor once). Returns {layout: {key: error}}."""
     model_spec = MlaModel()
     pgs = megatron_mxn.initialize_mxn_parallel(n, m, create_gloo_process_groups=False)
     seed_all()
@@ -136,6 +137,13 @@ def grid_roundtrip(n: int, m: int, ckpt_dir: str):
     seed_all(5)
     fresh = build(model_spec, config, pgs, grid=True)
     load(fresh, ckpt_dir)
-    after = full_layout(fresh, lambda p: p.data)
+    after = {"grid": full_layout(fresh, lambda p: p.data)}
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
-    return {k: max_rel_err(after[k], before[k]) for k in before}
+    pgs = megatron_mxn.initialize_mxn_parallel(1, 1, create_gloo_process_groups=False)
+    seed_all(6)
+    tp1 = build(model_spec, make_config(model_spec, tp=1), pgs, grid=False)
+    load(tp1, ckpt_dir)
+    after["tp1"] = full_layout(tp1, lambda p: p.data)
+    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
+    return {name: {k: max_rel_err(got[k], before[k]) for k in before}
+            for name, got in after.items()}
