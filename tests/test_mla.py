@@ -170,6 +170,16 @@ def test_mla_refuses_at_build_time(name, table):
     assert str(err.value).startswith("layer 2: " + option.message(name, option.example))
 
 
+def test_standard_grid_attention_refuses_an_mla_config():
+    """An MLA config with the standard attention spec would attend with the wrong heads: the
+    standard grid layer refuses it first thing."""
+    spec = megatron_mxn.get_mxn_layer_spec(get_gpt_layer_local_spec(), dim_slices=2)
+    with pytest.raises(MxnConfigError, match="multi_latent_attention is set but the layer spec "
+                                             "builds SelfAttention"):
+        build_module(spec.submodules.self_attention, config=make_config(MlaModel(), tp=4, m=2),
+                     layer_number=1)
+
+
 def test_mla_refuses_inference_and_packed_sequences():
     layer = MxnMLASelfAttention.__new__(MxnMLASelfAttention)
     torch.nn.Module.__init__(layer)

@@ -79,6 +79,11 @@ class MxnSelfAttention(SelfAttention):
         # compute exactly (and a replaced core), on every rank, before any collective.
         options.check_config(config, layer_number)
         options.check_core_attention(submodules.core_attention)
+        if getattr(config, "multi_latent_attention", False):
+            raise MxnConfigError("multi_latent_attention is set but the layer spec builds "
+                                 "SelfAttention: MLA needs megatron's MLA layer spec "
+                                 "(get_gpt_layer_local_spec(multi_latent_attention=True)) "
+                                 "through get_mxn_layer_spec")
         if pg_collection is None:
             pg_collection = MxnProcessGroupCollection.use_mpu_process_groups()
         grid = grid_groups_of(pg_collection)
@@ -351,11 +356,6 @@ def _check_rotary_of_model(model, name, submodule):
 
 def _check_supported(config: TransformerConfig, pg_collection, grid) -> None:
     """The grid against its process groups (the config's options: options.check_config)."""
-    if getattr(config, "multi_latent_attention", False):
-        raise MxnConfigError("multi_latent_attention is set but the layer spec builds "
-                             "SelfAttention: MLA needs megatron's MLA layer spec "
-                             "(get_gpt_layer_local_spec(multi_latent_attention=True)) through "
-                             "get_mxn_layer_spec")
     tp = pg_collection.tp.size()
     if tp != grid.head_groups * grid.dim_slices:
         raise MxnConfigError(f"the TP group ({tp} ranks) must be exactly the grid "
