@@ -19,6 +19,9 @@ TP4 = ["--tensor-model-parallel-size", "4"]
 LOCAL = ["--attention-backend", "local", "--spec", "local", "core"]  # Megatron needs --spec local
 HYBRID = ["--hybrid-layer-pattern", "*-*-"]
 BASE = [*TINY_GPT, "--mock-data", "--train-iters", "1"]
+# Megatron refuses MLA with GQA: the tiny GPT without its query groups
+MLA_BASE = [f for k, f in enumerate(BASE) if f != "--group-query-attention"
+            and "--num-query-groups" not in BASE[max(k - 1, 0):k + 1]]
 
 CASES = [
     ("gpt", GRID, "ok"),
@@ -27,6 +30,8 @@ CASES = [
     ("gpt", [*TP4, *LOCAL], "ok"),  # no grid (m = 1): megatron-core's own attention
     ("gpt", [*GRID, "--position-embedding-type", "mrope", "--mrope-section", "2", "2", "4"],
      "position_embedding_type='mrope' is not supported by the grid attention: multimodal RoPE"),
+    ("gpt", [*GRID, "--multi-latent-attention"],
+     "multi_latent_attention=True is not supported by the grid's Megatron-LM entry points"),
     ("hybrid", [*GRID, *HYBRID], "ok"),
     ("hybrid", [*GRID, *HYBRID, "--spec", "my.module", "stack"],
      "--spec my.module stack would replace the grid's hybrid stack spec"),
@@ -34,7 +39,8 @@ CASES = [
 
 
 def test_entry_points_refuse_options_while_building_the_model_config():
-    cases = [[entry, [*BASE, *flags]] for entry, flags, _ in CASES]
+    cases = [[entry, [*(MLA_BASE if "--multi-latent-attention" in flags else BASE), *flags]]
+             for entry, flags, _ in CASES]
     run = subprocess.run([sys.executable, "-m", "tests.cases.entry_options", json.dumps(cases)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     results = [json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines()

@@ -1,6 +1,7 @@
 """get_mxn_layer_spec on megatron-core's specs: what it replaces and what it leaves alone."""
 
 import pytest
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -50,9 +51,25 @@ def test_decoder_block_spec_every_layer_replaced():
 
 
 def test_non_self_attention_spec_is_refused():
-    spec = get_gpt_layer_local_spec(multi_latent_attention=True)
-    with pytest.raises(MxnConfigError, match="is not megatron-core's SelfAttention"):
+    spec = get_gpt_layer_local_spec()
+    _attn(spec).module = torch.nn.Identity
+    with pytest.raises(MxnConfigError, match="is neither megatron-core's SelfAttention nor its "
+                                             "MLASelfAttention"):
         get_mxn_layer_spec(spec, dim_slices=2)
+
+
+def test_mla_spec_gets_the_grid_mla():
+    """megatron's MLA layer spec: MxnMLASelfAttention with the grid's MLA core; the down- and
+    up-projection linears and the latent norms stay the spec's (tests/test_mla.py)."""
+    from megatron_mxn.attention.mla import MxnMLASelfAttention, MxnMlaDotProductAttention
+
+    base = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True)
+    attn = _attn(get_mxn_layer_spec(base, dim_slices=2))
+    assert attn.module is MxnMLASelfAttention
+    assert attn.submodules.core_attention is MxnMlaDotProductAttention
+    for name in ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
+                 "linear_kv_up_proj", "q_layernorm", "kv_layernorm", "linear_proj"):
+        assert getattr(attn.submodules, name) is getattr(_attn(base).submodules, name), name
 
 
 def test_dim_slices_needed_without_grid():

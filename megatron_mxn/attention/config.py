@@ -1,10 +1,11 @@
-"""TransformerConfig for grid models whose head counts are not multiples of the TP size."""
+"""TransformerConfigs for grid models (whose head counts need not be multiples of the TP size),
+standard and multi-latent attention."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_mxn.attention.schedules import kv_cache_names, schedule_names
 from megatron_mxn.grid.layout import MxnConfigError
@@ -72,3 +73,11 @@ class MxnTransformerConfig(TransformerConfig):
     @property
     def mxn_head_groups(self) -> int:
         return self.tensor_model_parallel_size // self.mxn_dim_slices
+
+
+@dataclass
+class MxnMLATransformerConfig(MLATransformerConfig, MxnTransformerConfig):
+    """megatron-core's MLATransformerConfig (multi-latent attention) with the grid's fields;
+    build the layers from megatron's MLA layer spec through get_mxn_layer_spec. (MLA's class
+    comes first so that its defaults, e.g. multi_latent_attention=True, win; its __post_init__
+    runs the grid's, then TransformerConfig's.)"""

@@ -60,7 +60,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: MaskSpec =
     tiles, each against its own band of keys, so memory stays O(sq * (tile + window)).
     sink: fp32 [hq] attention-sink logits (megatron's softmax_type off-by-one / learnable): one
     more term exp(sink) in each row's softmax denominator, none in the output; differentiable.
-    Query head t uses KV head t // (hq // hk)."""
+    Query head t uses KV head t // (hq // hk). v may have another head dim than q and k
+    (multi-latent attention): see _unequal_value_dim."""
+    if v.dim() == 4 and q.dim() == 4 and v.shape[-1] != q.shape[-1]:
+        return _unequal_value_dim(q, k, v, scale=scale, mask=mask, dropout_p=dropout_p,
+                                  sink=sink, backend=backend)
     _check(q, k, v, mask, dropout_p, backend)
     sq, sk = q.shape[2], k.shape[2]
     lo, hi = mask.key_range(sq, sk)
@@ -77,6 +81,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: MaskSpec =
         q, k, v, mask = _with_sink_key(q, k, v, mask, sink, scale)
         return _attend(q, k, v, scale, mask, dropout_p, backend)[..., :-1]
     return _attend(q, k, v, scale, mask, dropout_p, backend)
+
+
+def _unequal_value_dim(q, k, v, **kwargs) -> Tensor:
+    """attention() with a value head dim dv other than q/k's d: the kernels (and SDPA's CPU
+    flash op) want one head dim, so the narrower side is zero-padded, which is exact: zero
+    q/k dims add nothing to the scores, zero value dims give output dims that are cut off (and
+    their gradients are dropped)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        return attention(q, k, F.pad(v, (0, d - dv)), **kwargs)[..., :dv]
+    return attention(F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d)), v, **kwargs)
 
 
 def _window_tile(mask: MaskSpec, sq: int) -> int:

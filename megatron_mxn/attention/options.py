@@ -14,6 +14,9 @@ parameter of the static inference context is one of:
   Megatron-LM entry points call it while they build the model config), with an MxnConfigError
   naming the option.
 
+MLATransformerConfig's own fields are classified in MLA_OPTIONS; MLA_RESTRICTIONS lists the
+options the grid computes for standard attention but not yet for MLA (check_mla_config).
+
 tests/test_options_audit.py fails when megatron-core gains a field this table does not classify,
 when a SUPPORTED entry names a test that does not exist, or when a REFUSED option is not refused.
 """
@@ -73,6 +76,7 @@ DROPOUT = "tests/test_runtime.py::test_dropout_is_shared_by_the_dim_slice_group"
 HYBRID = "tests/test_hybrid.py::test_hybrid_fp32_matches_tp1"
 SCHEDULES = "tests/test_schedules.py::test_exact_schedules_match_tp1"
 DYNAMIC_REFUSED = "tests/test_engine.py::test_dynamic_engine_is_refused_at_construction"
+MLA_EQ = "tests/test_mla.py::test_mla_matches_tp1"
 
 # --- reasons shared by many entries ----------------------------------------------------------
 PARALLEL = "parallel layout / communication outside the attention core"
@@ -260,9 +264,10 @@ TRANSFORMER_OPTIONS: Dict[str, Option] = {
         "megatron's real-time consistency checks of the q/k norm weights run in its own "
         "get_query_key_value_tensors, which the grid replaces; they would silently not run"),
     "calculate_per_token_loss": orth("loss reduction"),
-    "multi_latent_attention": refused(
-        "multi-latent attention (MLA: latent K/V projections, decoupled RoPE dims) is not "
-        "implemented by the grid attention (issue 20)"),
+    "multi_latent_attention": supp(
+        MLA_EQ + "[q_lora_yarn_2x2]",
+        "with megatron's MLA layer spec: the grid's MxnMLASelfAttention (attention/mla.py); "
+        "its own options: MLA_OPTIONS and MLA_RESTRICTIONS"),
     "no_rope_freq": supp(ROPE),
     "experimental_attention_variant": refused(
         "experimental attention variants (DSA, gated delta net) replace the softmax attention "
@@ -544,6 +549,52 @@ MODEL_OPTIONS: Dict[str, Option] = {
 }
 YARN_ATTRIBUTES = tuple(k for k in MODEL_OPTIONS if k.startswith("yarn_"))
 
+# The fields megatron-core's MLATransformerConfig adds to TransformerConfig (multi-latent
+# attention on the grid: attention/mla.py).
+MLA_ROPE = MLA_EQ + "[rope_2x2_seq]"
+MLA_YARN = MLA_EQ + "[q_lora_yarn_2x2]"
+MLA_OPTIONS: Dict[str, Option] = {
+    "q_lora_rank": supp(MLA_EQ + "[q_lora_yarn_2x2-no_q_lora_yarn_1x4]",
+                        "set: linear_q_down_proj (as megatron has it) + linear_q_up_proj on the "
+                        "grid; None: linear_q_proj on the grid"),
+    "kv_lora_rank": supp(MLA_YARN, "the kv latent: megatron's down-projection and norm"),
+    "qk_head_dim": supp(MLA_YARN, "split over the dim slices"),
+    "qk_pos_emb_head_dim": supp(MLA_YARN, "split over the dim slices in whole RoPE pairs"),
+    "v_head_dim": supp(MLA_YARN, "split over the dim slices"),
+    "rope_type": supp(MLA_EQ + "[rope_2x2_seq-q_lora_yarn_2x2]"),
+    "rotary_base": supp(MLA_ROPE),
+    "rotary_percent": refused(
+        "MLA's plain RoPE over part of qk_pos_emb_head_dim is untested on the grid",
+        lambda v, c: getattr(c, "rope_type", "yarn") == "rope" and v != 1.0, 0.5),
+    "rotary_scaling_factor": supp(MLA_YARN),
+    "original_max_position_embeddings": supp(MLA_YARN),
+    "beta_fast": supp(MLA_YARN),
+    "beta_slow": supp(MLA_YARN),
+    "mscale": supp(MLA_YARN, "YaRN's mscale of the RoPE dims and of the softmax scale"),
+    "mscale_all_dim": supp(MLA_YARN),
+    "cache_mla_latents": refused(
+        "the latent KV cache (dynamic inference, absorbed up-projections) is not laid out on "
+        "the grid yet (issue 20, part 2)"),
+    "mla_down_proj_fusion": refused(
+        "FusedMLASelfAttention (fused q/kv down-projection with the input norm) is not "
+        "laid out on the grid"),
+}
+# TransformerConfig options the grid computes for standard attention but not (yet) for MLA.
+MLA_RESTRICTIONS: Dict[str, Option] = {
+    "rotary_interleaved": refused(
+        "megatron's MLA RoPE with interleaved rotate-half is untested on the grid"),
+    "window_size": refused("sliding-window MLA is untested on the grid", _not_none, (4, 0)),
+    "softmax_type": refused("attention sinks with MLA are untested on the grid",
+                            lambda v, c: v != "vanilla", "learnable"),
+    "recompute_modules": refused(
+        "recomputing MLA's up-projections ('mla_up_proj') runs megatron's own up-projection "
+        "code, which the grid replaces", lambda v, c: "mla_up_proj" in (v or ()),
+        ["mla_up_proj"]),
+    "mxn_attention": refused(
+        "'sliced' is the seed paper's per-slice softmax, not MLA",
+        lambda v, c: v == "sliced", "sliced"),
+}
+
 _DYNAMIC = f"read only by the dynamic inference context, which the grid refuses ({DYNAMIC_REFUSED})"
 # StaticInferenceContext's constructor parameters and the fields of its InferenceConfig (the
 # static context builds its own: InferenceConfig(materialize_only_last_token_logits=True)).
@@ -569,7 +620,7 @@ INFERENCE_OPTIONS: Dict[str, Option] = {
 }
 
 TABLES = {"transformer": TRANSFORMER_OPTIONS, "model": MODEL_OPTIONS,
-          "inference": INFERENCE_OPTIONS}
+          "inference": INFERENCE_OPTIONS, "mla": MLA_OPTIONS}
 
 
 def _refuse(table: Dict[str, Option], values: Dict[str, Any], config, where: str) -> None:
@@ -588,6 +639,15 @@ def check_config(config, layer_number: Optional[int] = None) -> None:
               if hasattr(config, name)}
     where = f"layer {layer_number}: " if layer_number is not None else ""
     _refuse(TRANSFORMER_OPTIONS, values, config, where)
+
+
+def check_mla_config(config, layer_number: Optional[int] = None) -> None:
+    """check_config's MLA part: MLATransformerConfig's own refused options, and those options
+    the grid computes for standard attention but not for MLA."""
+    where = f"layer {layer_number}: " if layer_number is not None else ""
+    for table in (MLA_OPTIONS, MLA_RESTRICTIONS):
+        values = {name: getattr(config, name) for name in table if hasattr(config, name)}
+        _refuse(table, values, config, where)
 
 
 def check_model(config=None, **params) -> None:

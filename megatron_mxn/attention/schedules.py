@@ -195,11 +195,11 @@ class FusedSchedule(Schedule):
     builds_scores = False
 
     def forward(self, core, query, key, value, mask, sink, keep_kv: bool = False):
-        sq, b, heads, dl = query.shape
+        sq, b, heads, _ = query.shape
         sink = None if sink is None else sink.float()
         with core.rank_rng():
             out, kv = self.attend(core, query, key, value, mask, sink, keep_kv)
-        return out.reshape(sq, b, heads * dl), kv
+        return out.reshape(sq, b, heads * value.size(-1)), kv  # (MLA: v's dims differ)
 
     def attend(self, core, query, key, value, mask, sink, keep_kv: bool):
         raise NotImplementedError

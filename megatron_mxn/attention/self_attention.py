@@ -79,6 +79,11 @@ class MxnSelfAttention(SelfAttention):
         # compute exactly (and a replaced core), on every rank, before any collective.
         options.check_config(config, layer_number)
         options.check_core_attention(submodules.core_attention)
+        if getattr(config, "multi_latent_attention", False):
+            raise MxnConfigError("multi_latent_attention is set but the layer spec builds "
+                                 "SelfAttention: MLA needs megatron's MLA layer spec "
+                                 "(get_gpt_layer_local_spec(multi_latent_attention=True)) "
+                                 "through get_mxn_layer_spec")
         if pg_collection is None:
             pg_collection = MxnProcessGroupCollection.use_mpu_process_groups()
         grid = grid_groups_of(pg_collection)

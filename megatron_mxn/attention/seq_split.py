@@ -41,10 +41,11 @@ def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                         dropout_p: float = 0.0, sink: Optional[torch.Tensor] = None,
                         backend: str = "auto", return_kv: bool = False):
     """query [sq, b, hq, d/m], key/value [sk, b, hk, d/m] (this rank's dims) -> the attention
-    output [sq, b, hq, d/m] (this rank's dims). mask: of the sq rows against the sk keys
-    (mask.py; each chunk takes its rows, the kernel cuts the keys to the chunk's band). sink:
-    [hq] attention-sink logits. return_kv: return (output, (k, v)) with the all-gathered K/V
-    [sk, b, hk, d] (a prefill fills the position-sharded KV cache from them)."""
+    output [sq, b, hq, d/m] (this rank's dims; value's own when they differ: MLA). mask: of
+    the sq rows against the sk keys (mask.py; each chunk takes its rows, the kernel cuts the
+    keys to the chunk's band). sink: [hq] attention-sink logits. return_kv: return (output,
+    (k, v)) with the all-gathered K/V [sk, b, hk, d] (a prefill fills the position-sharded KV
+    cache from them)."""
     m, j = dist.get_world_size(group), dist.get_rank(group)
     sq, b, hq, dl = query.shape
     bounds = chunk_bounds(sq, m)
@@ -71,7 +72,8 @@ def seq_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     out = torch.cat(outs, dim=2).permute(2, 0, 1, 3)  # [my tokens, b, hq, d]
 
     # O: dims r of my tokens go back to rank r; I receive dims j of every token (order).
-    out = out.reshape(counts[j], b, hq, m, dl).permute(3, 0, 1, 2, 4).reshape(-1, b, hq, dl)
+    dv = value.size(-1)  # (MLA: another head dim than q/k)
+    out = out.reshape(counts[j], b, hq, m, dv).permute(3, 0, 1, 2, 4).reshape(-1, b, hq, dv)
     out = all_to_all_rows(out, group, [counts[j]] * m, counts)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(sq, device=order.device)

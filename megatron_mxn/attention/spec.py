@@ -7,12 +7,14 @@ from typing import Optional
 
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_mxn.attention import hooks
 from megatron_mxn.attention.self_attention import MxnSelfAttention
 from megatron_mxn.attention.core import MxnDotProductAttention
+from megatron_mxn.attention.mla import grid_mla_attention_spec
 from megatron_mxn.grid.layout import MxnConfigError
 from megatron_mxn.grid.groups import get_grid, mxn_parallel_is_initialized
 from megatron_mxn.attention.qk_norm import SlicedHeadNorm
@@ -20,7 +22,8 @@ from megatron_mxn.attention.qk_norm import SlicedHeadNorm
 
 def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_percent: float = 1.0):
     """Return `base_spec` (a GPT layer ModuleSpec, a TransformerBlockSubmodules, or a block
-    ModuleSpec) with every self-attention replaced by the grid attention.
+    ModuleSpec) with every self-attention replaced by the grid attention (megatron's MLA
+    self-attention by the grid's MLA, attention/mla.py).
 
     dim_slices: m; defaults to the initialized grid's. With m = 1 the grid is plain TP and the
     spec is returned unchanged (megatron-core's own attention).
@@ -42,9 +45,13 @@ def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_perce
         module = attn.module if isinstance(attn, ModuleSpec) else attn
         if isinstance(module, tuple):
             module = import_module(module)
+        if isinstance(module, type) and issubclass(module, MLASelfAttention):
+            layer.submodules.self_attention = grid_mla_attention_spec(attn)
+            continue
         if not (isinstance(module, type) and issubclass(module, SelfAttention)):
-            raise MxnConfigError(f"the layer spec's self_attention ({module}) is not "
-                                 "megatron-core's SelfAttention; the grid replaces only that")
+            raise MxnConfigError(f"the layer spec's self_attention ({module}) is neither "
+                                 "megatron-core's SelfAttention nor its MLASelfAttention; the "
+                                 "grid replaces only those")
         _check_replaceable(module, attn.submodules.core_attention)
         sub = copy.copy(attn.submodules)
         sub.core_attention = MxnDotProductAttention

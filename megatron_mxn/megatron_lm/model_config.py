@@ -49,6 +49,13 @@ def check_grid_options(args, config) -> None:
     position embedding. Includes --attention-backend local, for which megatron.training's
     GPTModelBuilder would swap the grid's core attention for megatron's DotProductAttention.
     With m = 1 the layers are megatron-core's own attention: nothing to check."""
+    if getattr(args, "multi_latent_attention", False) and getattr(args, "mxn_dim_slices", 1) > 1:
+        # (megatron.training builds an MLATransformerConfig for MLA, whatever config class it
+        # is given: the config carries no grid fields)
+        raise MxnConfigError(
+            "multi_latent_attention=True is not supported by the grid's Megatron-LM entry "
+            "points yet (their MLA config and flags are issue 20's later parts); the Python API "
+            "runs MLA on the grid: MxnMLATransformerConfig + get_mxn_layer_spec")
     if getattr(config, "mxn_dim_slices", 1) <= 1:
         return
     options.check_model(config, position_embedding_type=args.position_embedding_type)

@@ -1,0 +1,203 @@
+"""Multi-latent attention (MLA) on the grid computes megatron-core's MLA exactly.
+
+Worker-pool cases: grid 2x2 and 1x4 against megatron-core's MLA at TP=1 (local spec, the
+plugin's reference core), fp32, logits, loss and every parameter gradient within 1e-5 (worst
+element relative to the tensor's max); q_lora_rank set and unset, YaRN and plain RoPE, the score
+schedules (exact, gather) and the sequence-split core (seq, auto), sequence parallelism, a
+padding mask and selective recompute of the core; a TP=1 checkpoint loads on the grid, and a
+grid checkpoint loads on the grid and at TP=1.
+In-process cases: the reference core is the formula, the kernels take a value head dim of their
+own, the layout covers every row once, and what is not supported is refused at build time.
+"""
+
+import types
+
+import pytest
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import build_module
+
+import megatron_mxn
+from megatron_mxn import MxnConfigError
+from megatron_mxn.attention import kernels, options
+from megatron_mxn.attention.mask import MaskSpec
+from megatron_mxn.attention.mla import MxnMLASelfAttention
+from megatron_mxn.attention.mla_core import MlaDotProductAttention, with_mla_core
+from megatron_mxn.grid.mla_layout import MlaLayout
+from tests.cases.mla import MlaModel, compare_mla_with_tp1, grid_roundtrip, make_config
+
+TOL = 1e-5
+
+# name: (n, m, schedule and model settings)
+CASES = {
+    "q_lora_yarn_2x2": (2, 2, {"schedule": "exact"}),
+    "no_q_lora_yarn_1x4": (1, 4, {"schedule": "seq", "q_lora_rank": None,
+                                  "qk_layernorm": False}),
+    "rope_2x2_seq": (2, 2, {"schedule": "seq", "rope_type": "rope"}),
+    "rope_no_q_lora_1x4_gather": (1, 4, {"schedule": "gather", "rope_type": "rope",
+                                         "q_lora_rank": None, "qk_layernorm": False}),
+    "auto_sequence_parallel_2x2": (2, 2, {"schedule": "auto", "sp": True}),
+    "padding_mask_seq_1x4": (1, 4, {"schedule": "seq", "padding_mask": True}),
+    "no_latent_norms_exact_1x4": (1, 4, {"schedule": "exact", "qk_layernorm": False}),
+    "recompute_core_attn_seq_2x2": (2, 2, {"schedule": "seq", "recompute": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mla_matches_tp1(pool4, tmp_path, name):
+    n, m, extra = CASES[name]
+    # the first case goes through a TP=1 dist_checkpointing checkpoint, the others in memory
+    ckpt = str(tmp_path) if name == "q_lora_yarn_2x2" else None
+    results = pool4.run(compare_mla_with_tp1, n=n, m=m, ckpt_dir=ckpt, **extra)
+    with_logits = [r for r in results if "logits" in r]
+    assert with_logits
+    for r in with_logits:
+        assert r["logits"] < TOL and r["loss"] < TOL, (r["logits"], r["loss"])
+    for r in results:
+        assert r["weights"] == 0.0
+        worst = max(r["grad"], key=r["grad"].get)
+        assert r["grad"][worst] < TOL, (worst, r["grad"][worst])
+        assert any("linear_kv_up_proj" in k for k in r["grad"])
+    print(f"{name}: logits {with_logits[0]['logits']:.1e}, worst grad "
+          f"{max(max(r['grad'].values()) for r in results):.1e}")
+
+
+def test_mla_grid_checkpoint_loads_on_grid_and_tp1(pool4, tmp_path):
+    """A grid 2x2 checkpoint loads, bit-identically, into the grid and into megatron's TP=1."""
+    errors = pool4.run(grid_roundtrip, n=2, m=2, ckpt_dir=str(tmp_path))
+    for e in errors:
+        assert sorted(e) == ["grid", "tp1"]
+        for layout in e.values():
+            assert layout and max(layout.values()) == 0.0, layout
+
+
+# ---------------------------------------------------------------- in-process
+def _formula(q, k, v, scale, mask):
+    """float64 softmax(q k^T scale + mask) v, [s, b, h, d] layout."""
+    q, k, v = (t.double().permute(1, 2, 0, 3) for t in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(mask, float("-inf"))
+    return (torch.softmax(scores, -1) @ v).permute(2, 0, 1, 3)
+
+
+def test_reference_core_is_the_formula():
+    config = make_config(MlaModel(), tp=1)
+    tp1 = types.SimpleNamespace(tp=types.SimpleNamespace(size=lambda: 1))
+    core = MlaDotProductAttention(config, 1, AttnMaskType.causal, "self", softmax_scale=0.3,
+                                  k_channels=24, v_channels=12, pg_collection=tp1)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(7, 2, 8, 24, generator=g), torch.randn(7, 2, 8, 24, generator=g)
+    v = torch.randn(7, 2, 8, 12, generator=g)
+    causal = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    out = core(q, k, v, None)
+    assert out.shape == (7, 2, 8 * 12)
+    want = _formula(q, k, v, 0.3, causal).reshape(7, 2, -1)
+    assert (out.double() - want).abs().max() < 1e-6
+    padded = causal.expand(2, 1, 7, 7).clone()
+    padded[1, :, :, 5:] = True
+    padded[1, :, 5:] = causal[5:]
+    out = core(q, k, v, padded)
+    assert (out.double() - _formula(q, k, v, 0.3, padded).reshape(7, 2, -1)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dv", [6, 20])
+def test_kernels_take_a_value_head_dim_of_its_own(dv):
+    """q/k with 12 dims, v with fewer or more: the fused path (a causal chunk at an offset, and
+    a padding mask) against float64 attention, forward and dQ/dK/dV."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 5, 12, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 9, 12, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 9, dv, generator=g, requires_grad=True)
+    for mask in (MaskSpec.of(True, 4, None, None),
+                 MaskSpec.of(False, 0, None, torch.rand(2, 1, 5, 9, generator=g) > 0.7)):
+        out = kernels.attention(q, k, v, scale=0.25, mask=mask)
+        assert out.shape == (2, 4, 5, dv)
+        kk, vv = (t.repeat_interleave(2, dim=1) for t in (k, v))
+        scores = (q.double() @ kk.double().transpose(-1, -2)) * 0.25
+        scores = scores.masked_fill(mask.tensor(5, 9, q.device), float("-inf"))
+        want = torch.softmax(scores, -1).nan_to_num(0.0) @ vv.double()
+        assert (out.double() - want).abs().max() < 1e-5
+        grad = torch.randn(out.shape, generator=g)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        ref = torch.autograd.grad(want, (q, k, v), grad.double())
+        for a, b in zip(got, ref):
+            assert (a.double() - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 2), (4, 2), (2, 1)])
+def test_mla_layout_covers_every_row_once(n, m):
+    layout = MlaLayout(n, m, num_heads=8, qk_head_dim=16, rope_dim=8, v_head_dim=12)
+    for rows, total in ((layout.q_rows, 8 * 24), (layout.kv_up_rows, 8 * 28),
+                        (layout.proj_columns, 8 * 12)):
+        every = sorted(x for i, j in layout.ranks() for x in rows(i, j))
+        assert every == list(range(total))
+        assert all(len(rows(i, j)) == total // (n * m) for i, j in layout.ranks())
+    for j in range(m):  # whole RoPE pairs (2k, 2k+1) and their frequency k in both halves
+        dims = layout.rope_dims(j)
+        assert dims[0] % 2 == 0 and len(dims) % 2 == 0
+        pairs = [d // 2 for d in dims[::2]]
+        assert layout.rotary_freq_index(j) == pairs + [4 + p for p in pairs]
+
+
+def test_mla_layout_refuses_what_does_not_split():
+    with pytest.raises(MxnConfigError, match=r"qk_pos_emb_head_dim \(8\) must be divisible by "
+                                             r"2\*m \(16\)"):
+        MlaLayout(1, 8, num_heads=8, qk_head_dim=16, rope_dim=8, v_head_dim=16)
+    with pytest.raises(MxnConfigError, match=r"v_head_dim \(12\) must be divisible"):
+        MlaLayout(1, 8, num_heads=8, qk_head_dim=16, rope_dim=16, v_head_dim=12)
+
+
+def _grid_mla_spec():
+    spec = with_mla_core(get_gpt_layer_local_spec(multi_latent_attention=True,
+                                                  qk_layernorm=True))
+    return megatron_mxn.get_mxn_layer_spec(spec, dim_slices=2).submodules.self_attention
+
+
+REFUSED = sorted((name, table) for table in ("MLA_OPTIONS", "MLA_RESTRICTIONS")
+                 for name, o in getattr(options, table).items() if o.kind == options.REFUSED)
+
+
+@pytest.mark.parametrize("name,table", REFUSED)
+def test_mla_refuses_at_build_time(name, table):
+    """Every MLA option the grid does not compute is refused when the layer is built, first
+    thing (no process group exists here), naming the option."""
+    option = getattr(options, table)[name]
+    config = make_config(MlaModel(rope_type="rope"), tp=4, m=2)
+    setattr(config, name, option.example)
+    with pytest.raises(MxnConfigError) as err:
+        build_module(_grid_mla_spec(), config=config, layer_number=2)
+    assert str(err.value).startswith("layer 2: " + option.message(name, option.example))
+
+
+def test_standard_grid_attention_refuses_an_mla_config():
+    """An MLA config with the standard attention spec would attend with the wrong heads: the
+    standard grid layer refuses it first thing."""
+    spec = megatron_mxn.get_mxn_layer_spec(get_gpt_layer_local_spec(), dim_slices=2)
+    with pytest.raises(MxnConfigError, match="multi_latent_attention is set but the layer spec "
+                                             "builds SelfAttention"):
+        build_module(spec.submodules.self_attention, config=make_config(MlaModel(), tp=4, m=2),
+                     layer_number=1)
+
+
+def test_mla_refuses_inference_and_packed_sequences():
+    layer = MxnMLASelfAttention.__new__(MxnMLASelfAttention)
+    torch.nn.Module.__init__(layer)
+    with pytest.raises(MxnConfigError, match="no KV cache yet"):
+        layer(torch.zeros(4, 1, 64), None, inference_context=object())
+    with pytest.raises(MxnConfigError, match="packed sequences"):
+        layer(torch.zeros(4, 1, 64), None, packed_seq_params=object())
+
+
+def test_mla_spec_refuses_fused_mla_and_other_cores():
+    from megatron.core.transformer.multi_latent_attention import FusedMLASelfAttention
+
+    base = get_gpt_layer_local_spec(multi_latent_attention=True)
+    base.submodules.self_attention.module = FusedMLASelfAttention
+    with pytest.raises(MxnConfigError, match="FusedMLASelfAttention"):
+        megatron_mxn.get_mxn_layer_spec(base, dim_slices=2)
+    base = get_gpt_layer_local_spec(multi_latent_attention=True)
+    base.submodules.self_attention.submodules.core_attention = torch.nn.Identity
+    with pytest.raises(MxnConfigError, match="MLA spec's core_attention"):
+        megatron_mxn.get_mxn_layer_spec(base, dim_slices=2)
+
