@@ -34,7 +34,7 @@ from megatron.core.utils import deprecate_inference_params
 
 from megatron_mxn.attention import options
 from megatron_mxn.attention.core import MxnDotProductAttention
-from megatron_mxn.attention.sharding import grid_sharded_factory
+from megatron_mxn.attention.sharding import shard_grid_weights
 from megatron_mxn.grid.groups import MxnProcessGroupCollection, grid_groups_of
 from megatron_mxn.grid.layout import MxnConfigError
 from megatron_mxn.grid.mla_layout import MlaLayout
@@ -197,16 +197,12 @@ class MxnMLASelfAttention(MLASelfAttention):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         layout, grid = self.mxn_layout, self.mxn_grid
         i, j = grid.head_group_index, grid.dim_slice_index
-        for name, indices, chunk, axis in (
+        return shard_grid_weights(sd, prefix, (
             ("linear_q_proj.weight", layout.q_rows(i, j), layout.q_chunk, 0),
             ("linear_q_up_proj.weight", layout.q_rows(i, j), layout.q_chunk, 0),
             ("linear_kv_up_proj.weight", layout.kv_up_rows(i, j), layout.kv_up_chunk, 0),
             ("linear_proj.weight", layout.proj_columns(i, j), layout.proj_chunk, 1),
-        ):
-            key = prefix + name
-            if key in sd:
-                sd[key] = grid_sharded_factory(sd[key], indices, chunk, axis, sharded_offsets)
-        return sd
+        ), sharded_offsets)
 
 
 class _ScaleGrad(torch.autograd.Function):

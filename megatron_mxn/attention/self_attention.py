@@ -33,7 +33,7 @@ from megatron_mxn.attention.position_cache import (
     position_sharded_attention,
 )
 from megatron_mxn.attention.schedules import POSITIONS, ScoreShape
-from megatron_mxn.attention.sharding import grid_sharded_factory
+from megatron_mxn.attention.sharding import shard_grid_weights
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
 from megatron_mxn.grid.groups import MxnProcessGroupCollection, grid_groups_of
 from megatron_mxn.patching import override
@@ -294,15 +294,11 @@ class MxnSelfAttention(SelfAttention):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         layout, grid = self.mxn_layout, self.mxn_grid
         i, j = grid.head_group_index, grid.dim_slice_index
-        for name, indices, chunk, axis in (
+        return shard_grid_weights(sd, prefix, (
             ("linear_qkv.weight", layout.qkv_rows(i, j), layout.qkv_chunk, 0),
             ("linear_qkv.bias", layout.qkv_rows(i, j), layout.qkv_chunk, 0),
             ("linear_proj.weight", layout.proj_columns(i, j), layout.proj_chunk, 1),
-        ):
-            key = prefix + name
-            if key in sd:
-                sd[key] = grid_sharded_factory(sd[key], indices, chunk, axis, sharded_offsets)
-        return sd
+        ), sharded_offsets)
 
 
 def grid_layout(config: TransformerConfig, head_groups: int, dim_slices: int,

@@ -39,3 +39,14 @@ def grid_sharded_factory(original: ShardedTensor, indices: Sequence[int], chunk:
         return torch.cat(pieces, dim=axis)
 
     return ShardedTensorFactory(original.key, original.data, build, merge, original.replica_id)
+
+
+def shard_grid_weights(sd: dict, prefix: str, entries, sharded_offsets=()) -> dict:
+    """Replace, in a module's sharded state dict `sd`, each present `prefix + name` of
+    `entries` ((name, this rank's indices, chunk, axis), as the grid layout gives them) by its
+    grid-shaped factory: megatron's keys and global shapes, the grid's shards."""
+    for name, indices, chunk, axis in entries:
+        key = prefix + name
+        if key in sd:
+            sd[key] = grid_sharded_factory(sd[key], indices, chunk, axis, sharded_offsets)
+    return sd

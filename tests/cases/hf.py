@@ -154,13 +154,7 @@ def back_and_logits(hf_dir: str, ckpt: str, out_dir: str, expected: torch.Tensor
     if prompts:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
-        from megatron_mxn.inference.generation import generate
-
-        lengths = [len(p) for p in prompts]
-        batch = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
-        run = generate(model, batch, NEW_TOKENS, ProcessGroupCollection.use_mpu_process_groups(),
-                       prompt_lengths=lengths, eod=eos)
-        greedy = [row[:k] for row, k in zip(run.tokens.tolist(), run.lengths)]
+        greedy = _greedy(model, ProcessGroupCollection.use_mpu_process_groups(), prompts, eos)
     return {"different": different, "same_keys": sorted(before) == sorted(after),
             "side_files": sorted(os.listdir(out_dir)),
             "logits_err": rel_err(got, expected), "tokens": greedy}
@@ -266,6 +260,19 @@ def hf_greedy(hf_dir: str, prompts: List[List[int]], new_tokens: int = NEW_TOKEN
     return out
 
 
+def _greedy(model, pgs, prompts: List[List[int]], eos: Optional[int], kv_cache=None
+            ) -> List[List[int]]:
+    """megatron_mxn's greedy generate() of NEW_TOKENS for the prompts (right-padded in one
+    batch), each sequence cut before `eos` (the last stage's tokens)."""
+    from megatron_mxn.inference.generation import generate
+
+    lengths = [len(p) for p in prompts]
+    batch = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
+    run = generate(model, batch, NEW_TOKENS, pgs, kv_cache=kv_cache, prompt_lengths=lengths,
+                   eod=eos)
+    return [row[:k] for row, k in zip(run.tokens.tolist(), run.lengths)]
+
+
 def _grid_model(hf_dir: str, ckpt: str, n: int, m: int, extra: List[str]):
     """(model, process groups, args): the grid (TP when m = 1) model built from the converted
     flags the way the entry points build it, loaded with megatron.training's load_checkpoint."""
@@ -303,7 +310,6 @@ def grid_logits_vs_hf(hf_dir: str, ckpt: str, n: int, m: int, expected: torch.Te
     from megatron.training.checkpointing import save_checkpoint
 
     from megatron_mxn.convert.megatron_model import global_args
-    from megatron_mxn.inference.generation import generate
 
     saving = ["--save", save, "--save-interval", "1"] if save else []
     model, pgs, args = _grid_model(hf_dir, ckpt, n, m, saving)
@@ -313,13 +319,8 @@ def grid_logits_vs_hf(hf_dir: str, ckpt: str, n: int, m: int, expected: torch.Te
         full = tensor_parallel.gather_from_tensor_model_parallel_region(local, group=pgs.tp)
     result = {"logits_err": rel_err(full, expected), "tokens": {}}
     if prompts:
-        lengths = [len(p) for p in prompts]
-        batch = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
         for cache in (("dims", "positions") if m > 1 else ("dims",)):
-            run = generate(model, batch, NEW_TOKENS, pgs, kv_cache=cache,
-                           prompt_lengths=lengths, eod=eos)
-            result["tokens"][cache] = [row[:k] for row, k in zip(run.tokens.tolist(),
-                                                                 run.lengths)]
+            result["tokens"][cache] = _greedy(model, pgs, prompts, eos, kv_cache=cache)
     if save:
         with global_args(args), microbatches(args):
             save_checkpoint(1, [model], None, None, 0)
