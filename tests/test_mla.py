@@ -23,9 +23,16 @@ from megatron_mxn import MxnConfigError
 from megatron_mxn.attention import kernels, options
 from megatron_mxn.attention.mask import MaskSpec
 from megatron_mxn.attention.mla import MxnMLASelfAttention
+from megatron_mxn.attention.mla_decode import check_kv_cache_request
 from megatron_mxn.attention.mla_core import MlaDotProductAttention, with_mla_core
 from megatron_mxn.grid.mla_layout import MlaLayout
-from tests.cases.mla import MlaModel, compare_mla_with_tp1, grid_roundtrip, make_config
+from tests.cases.mla import (
+    MlaModel,
+    compare_mla_with_tp1,
+    decode_matches_tp1,
+    grid_roundtrip,
+    make_config,
+)
 
 TOL = 1e-5
 
@@ -180,11 +187,13 @@ def test_standard_grid_attention_refuses_an_mla_config():
                      layer_number=1)
 
 
-def test_mla_refuses_inference_and_packed_sequences():
+def test_mla_refuses_packed_sequences_and_a_dims_kv_cache():
+    for requested in (None, "auto", "positions"):
+        check_kv_cache_request(requested)
+    with pytest.raises(MxnConfigError, match="latent KV cache sharded by position"):
+        check_kv_cache_request("dims")
     layer = MxnMLASelfAttention.__new__(MxnMLASelfAttention)
     torch.nn.Module.__init__(layer)
-    with pytest.raises(MxnConfigError, match="no KV cache yet"):
-        layer(torch.zeros(4, 1, 64), None, inference_context=object())
     with pytest.raises(MxnConfigError, match="packed sequences"):
         layer(torch.zeros(4, 1, 64), None, packed_seq_params=object())
 
@@ -201,3 +210,48 @@ def test_mla_spec_refuses_fused_mla_and_other_cores():
     with pytest.raises(MxnConfigError, match="MLA spec's core_attention"):
         megatron_mxn.get_mxn_layer_spec(base, dim_slices=2)
 
+
+
+# ---------------------------------------------------------------- decode: the latent cache
+# name: (n, m, case settings)
+DECODE_CASES = {
+    "yarn_2x2": (2, 2, {}),
+    "rope_no_q_lora_1x4": (1, 4, {"rope_type": "rope", "q_lora_rank": None,
+                                  "qk_layernorm": False}),
+    "ragged_chunked_2x2": (2, 2, {"prompt": 9, "prompt_lengths": [9, 5, 3],
+                                  "batch_size": 3, "prefill_chunk": 4}),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_mla_decode_matches_tp1(pool4, name):
+    """Greedy decode with the latent cache sharded by position over the 4 ranks gives
+    megatron's MLA at TP=1 (its static cache of up-projected K/V) the same tokens and logits;
+    each rank holds 1/4 of the latent cache TP would hold."""
+    n, m, extra = DECODE_CASES[name]
+    results = pool4.run(decode_matches_tp1, n=n, m=m, **extra)
+    r = results[0]
+    assert all(x["tokens_equal"] for x in results), (r["tokens"],)
+    assert max(x["logits"] for x in results) < TOL, [x["logits"] for x in results]
+    layers, latent, batch = 2, 32 + 8, extra.get("batch_size", 2)
+    tp_latent = layers * r["context"] * batch * latent * 4  # what every TP rank would hold
+    for x in results:
+        assert x["kv_cache"] == "latent-positions"
+        assert x["cache_bytes"] == layers * -(-r["context"] // 4) * batch * latent * 4
+        assert x["cache_bytes"] * 4 < tp_latent + 4 * layers * batch * latent * 4
+    print(f"{name}: logits {max(x['logits'] for x in results):.1e}, latent cache per rank "
+          f"{r['cache_bytes']} B (TP: {tp_latent} B; megatron's static cache at TP=1: "
+          f"{r['tp1_cache_bytes']} B)")
+
+
+def test_mla_decode_bytes_do_not_grow_with_the_context(pool4):
+    """The collectives of a decode step (every layer, the logits too) send the same bytes
+    after a prompt of 8 and of 40 tokens."""
+    short = pool4.run(decode_matches_tp1, n=2, m=2, prompt=8, steps=5)
+    long = pool4.run(decode_matches_tp1, n=2, m=2, prompt=40, steps=5)
+    for a, b in zip(short, long):
+        assert a["tokens_equal"] and b["tokens_equal"]
+        assert a["comm"]["bytes"] == b["comm"]["bytes"] > 0, (a["comm"], b["comm"])
+        assert a["comm"]["calls"] == b["comm"]["calls"]
+    print(f"decode step: {short[0]['comm']['bytes'] / 3:.0f} B sent per rank, "
+          f"{short[0]['comm']['calls'] / 3:.0f} collectives")

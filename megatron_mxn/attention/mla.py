@@ -34,6 +34,14 @@ from megatron.core.utils import deprecate_inference_params
 
 from megatron_mxn.attention import options
 from megatron_mxn.attention.core import MxnDotProductAttention
+from megatron_mxn.attention.mla_decode import (
+    LATENT_POSITIONS,
+    check_kv_cache_request,
+    gather_absorbed_queries,
+    latent_cache,
+    latent_position_attention,
+)
+from megatron_mxn.attention.position_cache import kv_cache_requested, use_kv_cache
 from megatron_mxn.attention.sharding import shard_grid_weights
 from megatron_mxn.grid.groups import MxnProcessGroupCollection, grid_groups_of
 from megatron_mxn.grid.layout import MxnConfigError
@@ -48,8 +56,13 @@ override(MLA + "MLASelfAttention.get_query_key_value_tensors", CORE,
          "and latent split copy megatron's, and the shared RoPE key's gradient is summed over "
          "the TP group", "c6a6d455d98e")
 override(MLA + "MultiLatentAttention.forward", CORE,
-         "MxnMLASelfAttention.forward refuses inference and packed sequences, then calls it",
+         "MxnMLASelfAttention.forward runs inference with a static context on the grid's "
+         "latent cache (mla_decode.py), refuses packed sequences and otherwise calls it",
          "d02bfbf841ed")
+override(MLA + "MLASelfAttention.prepare_for_absorption", CORE,
+         "MxnMLASelfAttention.prepare_for_absorption is a no-op: with cache_mla_latents the "
+         "grid absorbs the up-projections at decode itself (mla_decode.py) and keeps "
+         "linear_kv_up_proj (megatron's deletes it, for its dynamic engine)", "27a4aacfa4dd")
 
 
 class MxnMlaDotProductAttention(MxnDotProductAttention):
@@ -104,19 +117,25 @@ class MxnMLASelfAttention(MLASelfAttention):
                              persistent=False)
         self.register_buffer("mxn_rotary_index", torch.tensor(layout.rotary_freq_index(j)),
                              persistent=False)
+        # every slice's RoPE dims and frequencies: the cached RoPE key holds all of them
+        self.mxn_rope_slices = [(torch.tensor(layout.rope_dims(s)),
+                                 torch.tensor(layout.rotary_freq_index(s)))
+                                for s in range(grid.dim_slices)]
+        # the grid's latent cache serves inference (mla_decode.py), not megatron's absorption
+        self.cache_mla_latents = False
 
     def forward(self, hidden_states, attention_mask, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
                 rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
                 packed_seq_params=None, position_ids=None, sequence_len_offset=None, *,
                 inference_params=None):
-        """megatron's MLA forward (training, and inference without a KV cache)."""
+        """megatron's MLA forward (training, and inference without a KV cache); with a
+        static inference context, the latent cache by position (mla_decode.py)."""
         inference_context = deprecate_inference_params(inference_context, inference_params)
-        if inference_context is not None:
-            raise MxnConfigError("MLA on the grid has no KV cache yet (the latent cache by "
-                                 "position is issue 20, part 2): inference_context is refused")
         if packed_seq_params is not None:
             raise MxnConfigError("MLA on the grid does not support packed sequences (THD)")
+        if inference_context is not None:
+            return self._forward_latent_cache(hidden_states, attention_mask, inference_context)
         return super().forward(
             hidden_states, attention_mask, key_value_states=key_value_states,
             rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
@@ -131,10 +150,7 @@ class MxnMLASelfAttention(MLASelfAttention):
         heads and dims; RoPE applied to the slice's pairs), and the two latents."""
         config, layout = self.config, self.mxn_layout
         seq = self.rotary_pos_emb.get_rotary_seq_len(None, None, hidden_states, config, None)
-        if config.rope_type == "rope":
-            freqs, mscale = self.rotary_pos_emb(seq), 1.0
-        else:
-            freqs, mscale = self.rotary_pos_emb(seq)
+        freqs, mscale = self._rotary(seq)
         q_compressed, kv_compressed, k_pos_emb = self._latents(hidden_states)
         if config.q_lora_rank is not None:
             q_compressed = self._q_latent_norm(q_compressed)
@@ -150,13 +166,68 @@ class MxnMLASelfAttention(MLASelfAttention):
         k_nope, value = kv.view(*kv.shape[:-1], heads, a + v).split([a, v], dim=-1)
         k_pe = k_pos_emb.index_select(-1, self.mxn_rope_dims).unsqueeze(-2)
         freqs = freqs[:q.size(0)].index_select(-1, self.mxn_rotary_index)
-        q_pe, k_pe = (apply_rotary_pos_emb(t, freqs, config=config, mscale=mscale,
-                                           cp_group=self.pg_collection.cp,
-                                           mla_rotary_interleaved=True) for t in (q_pe, k_pe))
+        q_pe, k_pe = (self._rope(t, freqs, mscale) for t in (q_pe, k_pe))
         query = torch.cat([q_nope, q_pe], dim=-1)
         key = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
         return (query.contiguous(), key.contiguous(), value.contiguous(), q_compressed,
                 kv_compressed)
+
+    def prepare_for_absorption(self):
+        """No-op: the grid absorbs the up-projections at decode (_forward_latent_cache) and
+        keeps linear_kv_up_proj, which megatron's version deletes."""
+
+    def _forward_latent_cache(self, hidden_states, attention_mask, context):
+        """Inference in megatron's static context with the latent cache sharded by position
+        over all n*m ranks and absorbed queries (mla_decode.py): two collectives per layer
+        and step, independent of the context length."""
+        config, layout, grid = self.config, self.mxn_layout, self.mxn_grid
+        if not context.is_static_batching():
+            raise MxnConfigError("MLA on the grid supports megatron-core's static inference "
+                                 "context, not dynamic batching")
+        if config.sequence_parallel:
+            raise MxnConfigError("MLA inference on the grid does not support sequence "
+                                 "parallelism (turn it off for inference)")
+        check_kv_cache_request(kv_cache_requested(context))
+        use_kv_cache(context, LATENT_POSITIONS)
+        start, sq = context.sequence_len_offset, hidden_states.size(0)
+        freqs, mscale = self._rotary(start + sq)
+        freqs = freqs[start:start + sq]
+        q_compressed, kv_compressed, k_pos_emb = self._latents(hidden_states)
+        if config.q_lora_rank is not None:
+            q, _ = self.linear_q_up_proj(self._q_latent_norm(q_compressed))
+        else:
+            q, _ = self.linear_q_proj(q_compressed)
+        heads, a, r = layout.heads_per_rank, layout.nope_slice, layout.rope_slice
+        q_nope, q_pe = q.view(*q.shape[:-1], heads, a + r).split([a, r], dim=-1)
+        q_pe = self._rope(q_pe, freqs.index_select(-1, self.mxn_rotary_index), mscale)
+        k_pe = torch.cat([  # every slice's pairs, in slice order (as the queries' dims)
+            self._rope(k_pos_emb.index_select(-1, dims.to(k_pos_emb.device)).unsqueeze(-2),
+                       freqs.index_select(-1, index.to(freqs.device)), mscale)
+            for dims, index in self.mxn_rope_slices], dim=-1).squeeze(-2)
+        latent = torch.cat([apply_module(self.kv_layernorm)(kv_compressed), k_pe], dim=-1)
+        up = self.linear_kv_up_proj.weight.view(heads, a + layout.v_slice, -1)
+        up_k, up_v = up[:, :a], up[:, a:]  # [h/n, a/m, L], [h/n, v/m, L]
+        queries = gather_absorbed_queries(torch.einsum("sbhd,hdc->sbhc", q_nope, up_k), q_pe,
+                                          self.tp_group, grid.head_groups)
+        cache = latent_cache(context, self.layer_number, latent.size(-1), layout.world,
+                             self.tp_group.rank(), latent.dtype, latent.device)
+        batch = slice(context.batch_size_offset, context.batch_size_offset + latent.size(1))
+        mask = self.core_attention.mask_of(attention_mask, self.attn_mask_type, sq, start + sq)
+        out = latent_position_attention(queries, latent, cache, start, batch, self.tp_group,
+                                        grid.head_groups, config.kv_lora_rank,
+                                        self.softmax_scale, mask)  # [sq, b, h/n, L]
+        out = torch.einsum("sbhc,hdc->sbhd", out.to(up_v.dtype), up_v)
+        return apply_module(self.linear_proj)(out.reshape(sq, out.size(1), -1))
+
+    def _rotary(self, length: int):
+        """(RoPE frequencies of positions 0 .. length-1, YaRN's mscale)."""
+        if self.config.rope_type == "rope":
+            return self.rotary_pos_emb(length), 1.0
+        return self.rotary_pos_emb(length)
+
+    def _rope(self, t, freqs, mscale):
+        return apply_rotary_pos_emb(t, freqs, config=self.config, mscale=mscale,
+                                    cp_group=self.pg_collection.cp, mla_rotary_interleaved=True)
 
     def _q_latent_norm(self, q_compressed):
         """The q latent's norm. megatron's finalize_model_grads sums the gradient of every

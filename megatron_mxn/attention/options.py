@@ -77,6 +77,7 @@ HYBRID = "tests/test_hybrid.py::test_hybrid_fp32_matches_tp1"
 SCHEDULES = "tests/test_schedules.py::test_exact_schedules_match_tp1"
 DYNAMIC_REFUSED = "tests/test_engine.py::test_dynamic_engine_is_refused_at_construction"
 MLA_EQ = "tests/test_mla.py::test_mla_matches_tp1"
+MLA_DECODE = "tests/test_mla.py::test_mla_decode_matches_tp1"
 
 # --- reasons shared by many entries ----------------------------------------------------------
 PARALLEL = "parallel layout / communication outside the attention core"
@@ -572,9 +573,10 @@ MLA_OPTIONS: Dict[str, Option] = {
     "beta_slow": supp(MLA_YARN),
     "mscale": supp(MLA_YARN, "YaRN's mscale of the RoPE dims and of the softmax scale"),
     "mscale_all_dim": supp(MLA_YARN),
-    "cache_mla_latents": refused(
-        "the latent KV cache (dynamic inference, absorbed up-projections) is not laid out on "
-        "the grid yet (issue 20, part 2)"),
+    "cache_mla_latents": supp(
+        MLA_DECODE, "the grid's MLA inference always caches the latent, sharded by position "
+        "over the n*m ranks, with absorbed queries (mla_decode.py); megatron's own absorption "
+        "(dynamic engine, FlashMLA) is not used"),
     "mla_down_proj_fusion": refused(
         "FusedMLASelfAttention (fused q/kv down-projection with the input norm) is not "
         "laid out on the grid"),
@@ -593,6 +595,10 @@ MLA_RESTRICTIONS: Dict[str, Option] = {
     "mxn_attention": refused(
         "'sliced' is the seed paper's per-slice softmax, not MLA",
         lambda v, c: v == "sliced", "sliced"),
+    "mxn_kv_cache": refused(
+        "MLA on the grid keeps only the latent KV cache sharded by position (auto or "
+        "positions); the dim-sliced cache of up-projected K/V is not laid out for MLA",
+        lambda v, c: v == "dims", "dims"),
 }
 
 _DYNAMIC = f"read only by the dynamic inference context, which the grid refuses ({DYNAMIC_REFUSED})"

@@ -49,32 +49,37 @@ def owned_positions(length: int, dim_slices: int, rank: int) -> int:
 
 
 class PositionShardedCache:
-    """One layer's K/V buffers on one rank: [ceil(max_seq/m), max_batch, kv heads, d]."""
+    """One layer's K/V buffers on one rank: [ceil(max_seq/m), max_batch, kv heads, d], of the
+    positions p with p % m == rank (m: the ranks sharing the positions). values=False: keys
+    only (MLA's latent, which is its own value: mla_decode.py)."""
 
     def __init__(self, max_seq: int, max_batch: int, kv_heads: int, head_dim: int,
-                 dim_slices: int, rank: int, dtype: torch.dtype, device):
+                 dim_slices: int, rank: int, dtype: torch.dtype, device, values: bool = True):
         self.dim_slices, self.rank = dim_slices, rank
         rows = -(-max_seq // dim_slices)
         self.key = torch.empty(rows, max_batch, kv_heads, head_dim, dtype=dtype, device=device)
-        self.value = torch.empty_like(self.key)
+        self.value = torch.empty_like(self.key) if values else None
 
-    def __iter__(self):  # (key, value), as megatron's cache entries
-        return iter((self.key, self.value))
+    def __iter__(self):  # (key, value), as megatron's cache entries (the buffers held)
+        return iter((self.key,) if self.value is None else (self.key, self.value))
 
-    def store(self, key: torch.Tensor, value: torch.Tensor, start: int, batch: slice) -> None:
-        """key/value [s, b, kv heads, d] of positions start .. start+s-1: keep the owned ones."""
+    def store(self, key: torch.Tensor, value: Optional[torch.Tensor], start: int,
+              batch: slice) -> None:
+        """key/value [s, b, kv heads, d] of positions start .. start+s-1: keep the owned ones
+        (value None: a keys-only cache)."""
         m = self.dim_slices
         first = (self.rank - start) % m  # first row of key that this rank owns
         rows = key[first::m]
         if rows.size(0):
             at = (start + first) // m
             self.key[at:at + rows.size(0), batch] = rows
-            self.value[at:at + rows.size(0), batch] = value[first::m]
+            if self.value is not None:
+                self.value[at:at + rows.size(0), batch] = value[first::m]
 
     def owned(self, length: int, batch: slice):
         """K, V [owned, b, kv heads, d] of this rank's positions among 0 .. length-1."""
         n = owned_positions(length, self.dim_slices, self.rank)
-        return self.key[:n, batch], self.value[:n, batch]
+        return self.key[:n, batch], None if self.value is None else self.value[:n, batch]
 
 
 @torch.no_grad()
@@ -180,6 +185,18 @@ def kv_cache_of(context, config, shape_of: Callable[[int], ScoreShape]) -> KVCac
             shape_of(run.batch or context.max_batch_size),
             context.max_sequence_length if run.prompt is None else run.prompt, run.new_tokens)
     return run.chosen
+
+
+def use_kv_cache(context, cache: KVCache) -> None:
+    """Record the cache a layer with only one (MLA on the grid) runs in `context`."""
+    run = _RUNS.get(context) or _RUNS.set(context, KVCacheRun())
+    run.chosen = cache
+
+
+def kv_cache_requested(context) -> Optional[str]:
+    """The KV cache generate() asked for in `context` (None: none recorded)."""
+    run = _RUNS.get(context)
+    return None if run is None else run.requested
 
 
 def kv_cache_used(context) -> Optional[str]:

@@ -18,6 +18,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 import megatron_mxn
 from megatron_mxn import MxnMLATransformerConfig, with_mla_core
+from megatron_mxn.inference.generation import generate
 from tests.cases.common import (
     SEQ,
     ModelSpec,
@@ -147,3 +148,50 @@ def grid_roundtrip(n: int, m: int, ckpt_dir: str):
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
     return {name: {k: max_rel_err(got[k], before[k]) for k in before}
             for name, got in after.items()}
+
+
+# ---------------------------------------------------------------- decode
+def _generate(model, pgs, prompt, steps, counted_steps=None, **kwargs):
+    """generate() with keep_logits; counted_steps: count the collectives of those steps."""
+    from megatron_mxn.accounting import CommCounter
+
+    if counted_steps is None:
+        return generate(model, prompt, steps, pgs, keep_logits=True, **kwargs), None
+    with CommCounter() as counter:
+        counter.recording = False
+        out = generate(model, prompt, steps, pgs, keep_logits=True,
+                       before_step=lambda s: setattr(counter, "recording",
+                                                     s in counted_steps), **kwargs)
+    return out, {"bytes": counter.total_sent_bytes(), "calls": sum(counter.counts.values())}
+
+
+def decode_matches_tp1(n: int, m: int, prompt: int = 8, steps: int = 8, batch_size: int = 2,
+                       prompt_lengths=None, prefill_chunk=None, **model_kwargs):
+    """Greedy generation of the grid n x m (the latent cache sharded by position, absorbed
+    queries) against megatron's MLA at TP=1 (its static cache of up-projected K/V), from the
+    same weights: tokens, per-step logits (worst element relative to the max), this rank's
+    latent cache bytes, and the collectives of the decode steps (bytes, calls)."""
+    model_spec = MlaModel(**model_kwargs)
+    ids = torch.randint(0, VOCAB, (batch_size, prompt),
+                        generator=torch.Generator().manual_seed(5))
+    options = dict(prompt_lengths=prompt_lengths, prefill_chunk=prefill_chunk)
+    pgs = megatron_mxn.initialize_mxn_parallel(1, 1, create_gloo_process_groups=False)
+    seed_all()
+    ref = build(model_spec, make_config(model_spec, tp=1), pgs, grid=False).eval()
+    weights = full_layout(ref, lambda p: p.data)
+    want, _ = _generate(ref, pgs, ids, steps, **options)
+    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
+
+    pgs = megatron_mxn.initialize_mxn_parallel(n, m, create_gloo_process_groups=False)
+    seed_all(99)
+    config = make_config(model_spec, tp=n * m, m=m)
+    model = build(model_spec, config, pgs, grid=True).eval()
+    load_full(model, weights)
+    got, comm = _generate(model, pgs, ids, steps, counted_steps=range(2, steps), **options)
+    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
+    return {"tokens_equal": torch.equal(got.tokens, want.tokens),
+            "tokens": got.tokens.tolist(),
+            "logits": max(max_rel_err(a, b) for a, b in zip(got.step_logits, want.step_logits)),
+            "cache_bytes": got.kv_cache_bytes, "tp1_cache_bytes": want.kv_cache_bytes,
+            "kv_cache": got.kv_cache, "comm": comm,
+            "context": max(prompt_lengths or [prompt]) + steps}
