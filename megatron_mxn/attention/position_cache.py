@@ -43,20 +43,21 @@ from megatron_mxn.attention.mask import MaskSpec
 from megatron_mxn.attention.schedules import AUTO, KVCache, ScoreShape, decide_kv_cache
 
 
-def owned_positions(length: int, dim_slices: int, rank: int) -> int:
-    """How many of the positions 0 .. length-1 rank `rank` owns (p % m == rank)."""
-    return max(0, (length - rank + dim_slices - 1) // dim_slices)
+def owned_positions(length: int, shards: int, rank: int) -> int:
+    """How many of the positions 0 .. length-1 rank `rank` of `shards` owns (p % shards ==
+    rank)."""
+    return max(0, (length - rank + shards - 1) // shards)
 
 
 class PositionShardedCache:
-    """One layer's K/V buffers on one rank: [ceil(max_seq/m), max_batch, kv heads, d], of the
-    positions p with p % m == rank (m: the ranks sharing the positions). values=False: keys
-    only (MLA's latent, which is its own value: mla_decode.py)."""
+    """One layer's K/V buffers on one rank: [ceil(max_seq/shards), max_batch, kv heads, d], of
+    the positions p with p % shards == rank (shards: the m ranks of a dim-slice group; for
+    MLA's latent all n*m ranks). values=False: keys only (MLA's latent is its own value)."""
 
     def __init__(self, max_seq: int, max_batch: int, kv_heads: int, head_dim: int,
-                 dim_slices: int, rank: int, dtype: torch.dtype, device, values: bool = True):
-        self.dim_slices, self.rank = dim_slices, rank
-        rows = -(-max_seq // dim_slices)
+                 shards: int, rank: int, dtype: torch.dtype, device, values: bool = True):
+        self.shards, self.rank = shards, rank
+        rows = -(-max_seq // shards)
         self.key = torch.empty(rows, max_batch, kv_heads, head_dim, dtype=dtype, device=device)
         self.value = torch.empty_like(self.key) if values else None
 
@@ -67,7 +68,7 @@ class PositionShardedCache:
               batch: slice) -> None:
         """key/value [s, b, kv heads, d] of positions start .. start+s-1: keep the owned ones
         (value None: a keys-only cache)."""
-        m = self.dim_slices
+        m = self.shards
         first = (self.rank - start) % m  # first row of key that this rank owns
         rows = key[first::m]
         if rows.size(0):
@@ -78,7 +79,7 @@ class PositionShardedCache:
 
     def owned(self, length: int, batch: slice):
         """K, V [owned, b, kv heads, d] of this rank's positions among 0 .. length-1."""
-        n = owned_positions(length, self.dim_slices, self.rank)
+        n = owned_positions(length, self.shards, self.rank)
         return self.key[:n, batch], None if self.value is None else self.value[:n, batch]
 
 
