@@ -29,7 +29,9 @@ def test_every_layout_expands_for_pretrain_and_generate(path, known):
             argv = expand_config_args(["--config", str(path), "--layout", layout, "--lr", "1"],
                                       known[section], section)
             assert argv[-2:] == ["--lr", "1"]  # explicit flags come last, so they win
-            layers = "80" if path.stem == "llama70b_gqa" else "4"  # (the planner's 70B model)
+            # (the planner's full-size models)
+            layers = {"llama70b_gqa": "80", "deepseek_v3": "61", "kimi_k2": "61"}.get(path.stem,
+                                                                                    "4")
             assert "--num-layers" in argv and argv[argv.index("--num-layers") + 1] == layers
 
 

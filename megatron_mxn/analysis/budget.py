@@ -4,7 +4,8 @@ memory for its KV cache, and (for the planner) what that batch is predicted to d
 A layout that keeps less KV cache per rank holds more sequences in the same memory: the grid
 keeps 1/(n*m) of the cache per rank while n <= g, and TP beyond the g KV heads replicates it.
 The CPU A/B (megatron_mxn/tools/kv_budget.py) runs the batches this module computes; the
-planner (`python -m megatron_mxn.tools.plan --kv-budget GIB`) predicts them on GPUs.
+planner (`python -m megatron_mxn.tools.plan --kv-budget GIB`) predicts them on GPUs. For an MLA
+model the cache is the latent (megatron_mxn.analysis.mla): `mla_budget_rows`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
+from megatron_mxn.analysis import mla
 from megatron_mxn.analysis.cost_model import Layout, ModelShape, kv_cache_bytes, resolve_kv_cache
+from megatron_mxn.analysis.mla import MlaModel, MlaPrediction, MlaServing
 from megatron_mxn.analysis.planner import Cluster, Prediction, Workload, predict
 from megatron_mxn.grid.layout import MxnConfigError
 
@@ -72,4 +75,37 @@ def budget_rows(model: ModelShape, cluster: Cluster, layouts: Dict[str, Layout],
                                   kv_cache_bytes(model, resolved, 1, context),
                                   kv_cache_bytes(model, resolved, per_replica, context),
                                   prediction))
+    return rows
+
+
+@dataclass
+class MlaBudgetRow:
+    """One MLA serving layout at one prompt length under the cache budget: the batch over all
+    replicas and its decode prediction (None when no batch fits)."""
+
+    name: str  # the config's layout name
+    layout: MlaServing
+    prompt: int
+    per_sequence_B: int  # latent (or static) cache per GPU of one sequence
+    prediction: Optional[MlaPrediction]
+
+    @property
+    def batch(self) -> int:
+        return self.prediction.batch if self.prediction else 0
+
+
+def mla_budget_rows(model: MlaModel, cluster: Cluster, layouts: Dict[str, MlaServing],
+                    budget_bytes: float, prompts: Sequence[int],
+                    new_tokens: int) -> List[MlaBudgetRow]:
+    """For each prompt length and MLA layout: the largest batch whose cache per GPU (after
+    `new_tokens`) fits `budget_bytes`, and that batch's decode step at the mean context."""
+    rows = []
+    for prompt in prompts:
+        context = prompt + new_tokens
+        for name, layout in layouts.items():
+            batch = mla.largest_batch(model, layout, budget_bytes, context)
+            prediction = (mla.predict_decode(model, layout, cluster, batch,
+                                             prompt + new_tokens // 2) if batch else None)
+            rows.append(MlaBudgetRow(name, layout, prompt,
+                                     mla.cache_bytes(model, layout, 1, context), prediction))
     return rows

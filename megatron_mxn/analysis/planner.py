@@ -72,6 +72,11 @@ PRESETS = {
     # NCCL latencies of a few microseconds inside a node and ~10-20 us across are typical.
     "h100-sxm-2x8": Cluster("2 x 8 H100 SXM, NVLink + 400 Gb/s IB", 16, 8, 450e9, 8e-6,
                             50e9, 20e-6, 3.35e12, 80e9, 989e12),
+    # H200 SXM datasheet: 141 GB HBM3e at 4.8 TB/s, otherwise as the H100 (989 TFLOP/s dense
+    # BF16, NVLink 4 at 450 GB/s per direction); one 400 Gb/s NIC per GPU. (The MLA configs:
+    # DeepSeek-V3 / Kimi-K2 in fp8 need it; --gpus 8 is one node.)
+    "h200-sxm-2x8": Cluster("2 x 8 H200 SXM, NVLink + 400 Gb/s IB", 16, 8, 450e9, 8e-6,
+                            50e9, 20e-6, 4.8e12, 141e9, 989e12),
     # This kind of CI machine: 2 cores shared by 4 gloo ranks over loopback (fp32).
     # (python and megatron overhead per layer dominate small models on CPU).
     "cpu-gloo": Cluster("4 gloo ranks on 2 CPU cores", 4, 4, 1.0e9, 1.5e-3, 1.0e9, 1.5e-3,

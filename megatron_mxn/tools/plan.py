@@ -11,7 +11,10 @@ training, the data-parallel gradient all-reduce. Markdown on stdout; `--out PREF
 also writes PREFIX.csv and PREFIX.png. `--kv-cache-sweep` instead compares the grid's two KV
 caches with TP over context length x batch (decode bytes, KV memory, TPOT). `--kv-budget GIB`
 instead gives the config's layouts the same KV-cache memory per GPU and predicts the largest
-batch each holds at each of `--prompts` and what it delivers (megatron_mxn.analysis.budget).
+batch each holds at each of `--prompts` and what it delivers (megatron_mxn.analysis.budget); for
+an MLA model (`multi-latent-attention`: configs/deepseek_v3.yaml, configs/kimi_k2.yaml) the
+cache is the latent, TP keeps all of it on every GPU and the grid 1/(n*m) of it by position
+(megatron_mxn.analysis.mla), and the table gives the decode step only (TPOT, no TTFT).
 
 The predictions are megatron_mxn.analysis.planner's; this module writes them out.
 """
@@ -22,10 +25,11 @@ import argparse
 import csv
 import sys
 from dataclasses import replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_mxn.accounting import format_bytes
-from megatron_mxn.analysis.budget import BudgetRow, budget_rows
+from megatron_mxn.analysis import mla
+from megatron_mxn.analysis.budget import BudgetRow, MlaBudgetRow, budget_rows, mla_budget_rows
 from megatron_mxn.analysis.cost_model import Layout, ModelShape, check_layout
 from megatron_mxn.analysis.planner import (
     BASELINE,
@@ -211,6 +215,65 @@ def budget_markdown(rows: List[BudgetRow], model_name: str, cluster: Cluster, bu
     return "\n".join(lines)
 
 
+def mla_layouts(model: mla.MlaModel, cfg: dict, gpus: int) -> Dict[str, mla.MlaServing]:
+    """The MLA config's layouts that use exactly `gpus` GPUs (TP x PP, or a grid n x m, with
+    no DP replicas: a config lists the layouts of several cluster sizes), each checked."""
+    out = {}
+    for name, flags in (cfg.get("layouts") or {}).items():
+        layout = mla.serving_of(flags, gpus)
+        if layout.tp * layout.pp == gpus:
+            mla.check_serving(model, layout)
+            out[name] = layout
+    if not out:
+        raise MxnConfigError(f"the config names no MLA layout of exactly {gpus} GPUs "
+                             "(TP x PP or n x m)")
+    return out
+
+
+def mla_budget_markdown(rows: List[MlaBudgetRow], model: mla.MlaModel, model_name: str,
+                        cluster: Cluster, budget_gib: float, new_tokens: int) -> str:
+    """The --kv-budget table of an MLA model: per prompt length and layout, the latent cache
+    per GPU, the batch reached, memory, the predicted TPOT, the attention's decode bytes, and
+    ratios against plain TP over all the GPUs with its latent cache."""
+    cols = ["prompt", "layout", "cache/GPU per sequence", "batch reached", "cache/GPU",
+            "weights/GPU", "memory/GPU", "TPOT ms", "decode tokens/s",
+            "attention sent/GPU per layer & step", "batch vs TP", "decode tokens/s vs TP"]
+    lines = [f"## {model_name} (MLA) on {cluster.name} ({cluster.gpus} GPUs): the largest batch "
+             f"at {budget_gib:g} GiB of cache per GPU, {new_tokens} new tokens", "",
+             f"per token and layer the latent cache holds kv_lora_rank + qk_pos_emb_head_dim = "
+             f"{model.kv_lora} + {model.rope_dim} elements ({model.elem_bytes} bytes each); "
+             f"{model.layers} layers", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    ref = {r.prompt: r for r in rows if not r.layout.grid and r.layout.cache == mla.LATENT
+           and r.layout.pp == 1 and r.layout.tp == cluster.gpus}
+    vs = (lambda a, b: f"{a / b:.2f}x" if b else "-")
+    for r in rows:
+        p, base = r.prediction, ref.get(r.prompt)
+        label = f"{r.layout.name} (config: {r.name})"
+        if p is None:
+            lines.append(f"| {r.prompt // 1024}K | {label} | {_mib(r.per_sequence_B)} | 0 | | "
+                         f"{_mib(mla.weight_bytes(model, r.layout))} | | | | | 0.00x | |")
+            continue
+        base_tps = base.prediction.decode_tokens_per_s if base and base.prediction else 0
+        lines.append("| " + " | ".join([
+            f"{r.prompt // 1024}K", label, _mib(r.per_sequence_B), str(p.batch), _mib(p.cache_B),
+            _mib(p.weights_B), _mib(p.memory_B) + ("" if p.fits else " (does not fit)"),
+            f"{p.tpot_s * 1e3:.2f}", f"{p.decode_tokens_per_s:.0f}",
+            _mib(p.attention_sent_B), vs(p.batch, base.batch if base else 0),
+            vs(p.decode_tokens_per_s, base_tps)]) + " |")
+    lines += ["", "batch reached: the largest batch (a multiple of the PP micro-batches) whose "
+              "cache per GPU after the new tokens fits the budget; TPOT: one decode step at the "
+              "mean context (prompt + half the new tokens), the busiest pipeline stage; "
+              "attention sent: bytes one GPU sends for one layer's attention in one decode step "
+              "(megatron's down-projection all-gathers, the grid's query all-gather and "
+              "partials all-to-all, linear_proj's all-reduce). memory/GPU: weights, cache and "
+              f"decode buffers against 90% of {cluster.hbm_bytes / 1e9:.0f} GB (prefill "
+              "activations not counted). Predicted, not measured: roofline per layer and part "
+              f"at {cluster.efficiency:.0%} of peak, alpha-beta collectives, ring algorithms, "
+              "uniform expert routing."]
+    return "\n".join(lines)
+
+
 def write_csv(path: str, rows: List[Prediction]) -> None:
     """One line per layout, a column per field (Prediction.as_row)."""
     table = [r.as_row() for r in rows]
@@ -297,6 +360,18 @@ def main(argv=None) -> int:
         seq=args.seq or int((cfg.get("model") or {}).get("seq-length", 1024)),
         micro_batch=args.micro_batch, prefill_chunk=args.prefill_chunk)
     name = args.config.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    if mla.is_mla(cfg.get("model") or {}):
+        model = mla.MlaModel.from_flags(cfg["model"])
+        if args.kv_budget is None or args.kv_cache_sweep:
+            raise MxnConfigError("an MLA model (multi-latent-attention): the planner has the "
+                                 "--kv-budget table only (the latent cache, batch and TPOT)")
+        if args.kv_budget <= 0:
+            raise MxnConfigError("--kv-budget must be > 0 (GiB of cache per GPU)")
+        prompts = _ints(args.prompts) if args.prompts else [work.prompt]
+        rows = mla_budget_rows(model, cluster, mla_layouts(model, cfg, cluster.gpus),
+                               args.kv_budget * 2**30, prompts, work.new_tokens)
+        print(mla_budget_markdown(rows, model, name, cluster, args.kv_budget, work.new_tokens))
+        return 0
     if args.kv_budget is not None:
         if args.kv_budget <= 0:
             raise MxnConfigError("--kv-budget must be > 0 (GiB of KV cache per GPU)")
