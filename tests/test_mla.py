@@ -48,6 +48,9 @@ CASES = {
     "padding_mask_seq_1x4": (1, 4, {"schedule": "seq", "padding_mask": True}),
     "no_latent_norms_exact_1x4": (1, 4, {"schedule": "exact", "qk_layernorm": False}),
     "recompute_core_attn_seq_2x2": (2, 2, {"schedule": "seq", "recompute": True}),
+    # m = 1: the grid's MLA over 4 head groups (megatron's own MLA at TP=4 gets two gradients
+    # wrong, design.md section 7)
+    "q_lora_yarn_4x1": (4, 1, {"schedule": "auto"}),
 }
 
 
@@ -220,6 +223,7 @@ DECODE_CASES = {
                                   "qk_layernorm": False}),
     "ragged_chunked_2x2": (2, 2, {"prompt": 9, "prompt_lengths": [9, 5, 3],
                                   "batch_size": 3, "prefill_chunk": 4}),
+    "yarn_4x1": (4, 1, {}),
 }
 
 

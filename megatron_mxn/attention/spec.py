@@ -25,8 +25,10 @@ def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_perce
     ModuleSpec) with every self-attention replaced by the grid attention (megatron's MLA
     self-attention by the grid's MLA, attention/mla.py).
 
-    dim_slices: m; defaults to the initialized grid's. With m = 1 the grid is plain TP and the
-    spec is returned unchanged (megatron-core's own attention).
+    dim_slices: m; defaults to the initialized grid's. With m = 1 the grid is plain TP: standard
+    self-attention stays megatron-core's own; MLA still becomes the grid's (n head groups, the
+    latent cache sharded by position over the n ranks, and the gradients megatron's MLA at
+    TP > 1 gets wrong made right: docs/design.md section 7).
     rotary_percent: the model's RoPE fraction (0 for models without RoPE); it fixes which head
     dims each slice holds so that RoPE pairs stay on one rank.
     Installs the grid attention's hooks (megatron_mxn.attention.hooks.install).
@@ -37,9 +39,12 @@ def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_perce
             raise MxnConfigError("pass dim_slices or call initialize_mxn_parallel first")
         dim_slices = get_grid().dim_slices
     spec = copy.deepcopy(base_spec)
-    if dim_slices == 1:
-        return spec
-    layers = _layer_specs(spec)
+    try:
+        layers = _layer_specs(spec)
+    except MxnConfigError:
+        if dim_slices == 1:  # (m = 1 changes only MLA layers of the specs it knows)
+            return spec
+        raise
     for layer in layers:
         attn = getattr(layer.submodules, "self_attention", None)
         module = attn.module if isinstance(attn, ModuleSpec) else attn
@@ -47,6 +52,8 @@ def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_perce
             module = import_module(module)
         if isinstance(module, type) and issubclass(module, MLASelfAttention):
             layer.submodules.self_attention = grid_mla_attention_spec(attn)
+            continue
+        if dim_slices == 1:
             continue
         if not (isinstance(module, type) and issubclass(module, SelfAttention)):
             raise MxnConfigError(f"the layer spec's self_attention ({module}) is neither "
