@@ -3,14 +3,15 @@ MLA flags (`--multi-latent-attention --q-lora-rank --kv-lora-rank --qk-head-dim
 --qk-pos-emb-head-dim --v-head-dim`, YaRN RoPE) pretrain on grid 2x2 exactly like megatron-core's
 MLA at TP=1 (scripts/pretrain_gpt_mxn.py, from one TP=1 checkpoint), and megatron-core's MLA
 generates at TP=4 (its static KV cache of the up-projected K and V, the reference MLA core)
-the same greedy tokens as at TP=1, with the KV cache the cost model predicts."""
+the same greedy tokens as at TP=1, with the KV cache the cost model predicts; generation refuses
+what the grid's MLA does not compute on every rank before any collective."""
 
 import json
 
 import pytest
 
 from megatron_mxn.analysis.cost_model import Layout, ModelShape, kv_cache_bytes
-from tests.launch import TINY_GPT, rel_diff, torchrun
+from tests.launch import TINY_GPT, rel_diff, run_ranks_apart, torchrun
 
 pytestmark = pytest.mark.launches  # (conftest: not in `make test-fast`)
 
@@ -89,3 +90,18 @@ def test_megatrons_mla_generates_at_tp4_like_tp1(mla_ckpt, tmp_path):
         want = 2 * 18 * (8 // tp) * 36 * 4 * 2
         assert kv_cache_bytes(model, Layout(tp=tp), 2, 18) == want
         assert report["kv_cache_bytes_per_rank"] == want, (tp, report["kv_cache_bytes_per_rank"])
+
+
+def test_generation_refuses_what_the_grids_mla_does_not_compute_before_any_collective(
+        mla_ckpt, tmp_path):
+    """--mla-down-proj-fusion (FusedMLASelfAttention) on the grid: every rank, on its own
+    (ranks that live apart), exits with the option named before Megatron's initialization."""
+    run = run_ranks_apart("scripts/generate_mxn.py", 4, [
+        *MLA_GPT, *GRID_2X2, "--mla-down-proj-fusion", "--load", str(mla_ckpt),
+        "--batch-size", "2", "--prompt-length", "8"], tmp_path)
+    assert run.returncode != 0
+    assert sorted(run.rank_logs) == [0, 1, 2, 3]
+    for rank, log in run.rank_logs.items():
+        assert "MxnConfigError: mla_down_proj_fusion=True is not supported by the grid " \
+               "attention: FusedMLASelfAttention" in log, (rank, log[-2000:])
+        assert "> initializing torch distributed" not in log, rank
