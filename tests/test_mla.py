@@ -241,6 +241,8 @@ def test_entry_points_refuse_mla_with_megatrons_local_core_at_plain_tp():
                                              "build MLA"):
         check_grid_options(_entry_args(1, attention_backend="AttnBackend.local"),
                            make_config(MlaModel(), tp=4))
+    with pytest.raises(MxnConfigError, match="MLA at plain TP runs the reference MLA core"):
+        check_grid_options(_entry_args(1, mxn_tp_core="fused"), make_config(MlaModel(), tp=4))
 
 
 def test_with_mla_core_fills_every_layer_of_a_block_spec():

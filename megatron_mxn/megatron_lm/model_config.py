@@ -92,6 +92,9 @@ def check_grid_options(args, config) -> None:
             "--multi-latent-attention with --attention-backend local: megatron-core's local "
             "DotProductAttention cannot build MLA (no k_channels/v_channels); leave the "
             "attention backend to the entry point, which uses the reference MLA core")
+    if mla and getattr(args, "mxn_tp_core", "megatron") == "fused":
+        raise MxnConfigError("--mxn-tp-core fused replaces the core of megatron-core's "
+                             "SelfAttention; MLA at plain TP runs the reference MLA core")
     if getattr(config, "mxn_dim_slices", 1) <= 1:
         return
     options.check_model(config, position_embedding_type=args.position_embedding_type)
