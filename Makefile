@@ -6,7 +6,7 @@ PYTHON ?= $(shell scripts/find_python.sh)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements-ci.txt setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast ab ab-long ab-kv-budget plan bench-attention gpu-check venv clean
+.PHONY: demo test test-fast ab ab-long ab-kv-budget ab-mla-long ab-mla-kv-budget plan bench-attention gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -27,11 +27,24 @@ ab: $(STAMP)
 ab-long: $(STAMP)  # the context sweep: ~11 min on 2 CPU cores (README)
 	$(PY) scripts/ab_compare.py --config configs/cpu_long.yaml \
 		--layouts baseline,tp,tp_fused,grid,grid_dims --prompt-lengths 512,2048,4096,8192 --run ab-long
+	$(MAKE) ab-mla-long
 
 ab-kv-budget: $(STAMP)  # every layout at the same KV-cache budget per rank, its largest batch
 	$(PY) scripts/ab_compare.py --config configs/cpu_long.yaml \
 		--layouts tp,tp_fused,baseline,grid,grid_1x4 --prompt-lengths 2048,4096,8192 \
 		--kv-budget-mib 8 --run ab-kv-budget
+	$(MAKE) ab-mla-kv-budget
+
+# MLA + MoE (configs/cpu_mla.yaml, DeepSeek-V3-shaped): the same two A/Bs (make ab-long and make
+# ab-kv-budget run them after cpu_long's); the grid keeps MLA's latent cache by position.
+ab-mla-long: $(STAMP)
+	$(PY) scripts/ab_compare.py --config configs/cpu_mla.yaml \
+		--layouts baseline,tp,grid,grid_1x4 --prompt-lengths 512,2048,4096,8192 --run ab-mla-long
+
+ab-mla-kv-budget: $(STAMP)  # MLA at an equal KV-cache budget: the latent cache vs TP's K/V
+	$(PY) scripts/ab_compare.py --config configs/cpu_mla.yaml \
+		--layouts tp,baseline,grid,grid_1x4 --prompt-lengths 2048,4096,8192 \
+		--kv-budget-mib 16 --run ab-mla-kv-budget
 
 plan: $(STAMP)
 	$(PY) -m megatron_mxn.tools.plan --config configs/paper_dense.yaml

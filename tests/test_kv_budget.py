@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_mxn.analysis import cost_model
 from megatron_mxn.analysis.budget import budget_rows, largest_batch
 from megatron_mxn.analysis.cost_model import Layout, ModelShape
 from megatron_mxn.analysis.planner import PRESETS
@@ -38,6 +39,31 @@ def test_cpu_long_batches_at_8_mib_per_rank_are_the_hand_computed_ones():
         assert row["kv_bytes"] == want[name] * per_seq[name] <= 8 * MIB
         assert (want[name] + row["micro"]) * per_seq[name] > 8 * MIB  # the largest
     assert got["grid"]["batch"] / got["tp"]["batch"] >= 1.8
+
+
+def test_cpu_mla_batches_at_16_mib_per_rank_are_the_hand_computed_ones():
+    """cpu_mla (MLA: 8 heads, qk 16 + RoPE 8 and v 16 dims, kv latent 32; 4 layers, fp32),
+    prompt 4096 + 8 new tokens. Per sequence and rank: megatron's MLA at TP=4 caches the
+    up-projected K and V of its 2 heads, 4104 * 2 * (16 + 8 + 16) * 4 B * 4 layers = 5253120 B,
+    TP=2 PP=2 4 heads of 2 layers, the same; the grid's latent cache (32 + 8 per position)
+    sharded by position over the 4 ranks: 1026 * 40 * 4 B * 4 layers = 656640 B (grid 2x2 and
+    1x4 alike)."""
+    cfg = load_config(str(REPO / "configs" / "cpu_mla.yaml"))
+    model = ModelShape.from_flags(cfg["model"])
+    assert (model.mla, model.kv_lora_rank, model.qk_head_dim, model.qk_pos_emb_head_dim,
+            model.v_head_dim) == (True, 32, 16, 8, 16)
+    got = kv_budget.plan_batches(cfg, ["tp", "baseline", "grid", "grid_1x4"], [4096], 8,
+                                 16 * MIB)[4096]
+    per_seq = {"tp": 5253120, "baseline": 5253120, "grid": 656640, "grid_1x4": 656640}
+    want = {"tp": 3, "baseline": 2, "grid": 25, "grid_1x4": 25}  # (TP=2 PP=2: 2 micro-batches)
+    for name, row in got.items():
+        assert (row["per_sequence"], row["batch"]) == (per_seq[name], want[name]), name
+    with pytest.raises(MxnConfigError, match="for MLA it computes the KV cache only"):
+        cost_model.layer_weight_bytes(model, Layout(tp=4))
+    with pytest.raises(MxnConfigError, match=r"qk_pos_emb_head_dim \(8\) must be divisible by "
+                                             r"2\*m \(16\)"):
+        cost_model.check_layout(model, Layout(tp=8, dim_slices=8))
+    cost_model.check_layout(model, Layout(tp=4, dim_slices=2))
 
 
 def test_largest_batch_refuses_nonsense_and_reports_zero_when_nothing_fits():

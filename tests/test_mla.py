@@ -10,6 +10,7 @@ In-process cases: the reference core is the formula, the kernels take a value he
 own, the layout covers every row once, and what is not supported is refused at build time.
 """
 
+import re
 import types
 
 import pytest
@@ -259,3 +260,67 @@ def test_mla_decode_bytes_do_not_grow_with_the_context(pool4):
         assert a["comm"]["calls"] == b["comm"]["calls"]
     print(f"decode step: {short[0]['comm']['bytes'] / 3:.0f} B sent per rank, "
           f"{short[0]['comm']['calls'] / 3:.0f} collectives")
+
+
+# ------------------------------------------------- the entry points' MLA (model_config.py)
+def _entry_args(m: int, **extra):
+    return types.SimpleNamespace(**{
+        "multi_latent_attention": True, "mxn_dim_slices": m, "position_embedding_type": "rope",
+        "attention_backend": "AttnBackend.auto", "transformer_impl": "local", **extra})
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("mla_down_proj_fusion", True, "mla_down_proj_fusion=True is not supported by the grid "
+                                   "attention: FusedMLASelfAttention"),
+    ("recompute_modules", ["mla_up_proj"], "recompute_modules=['mla_up_proj'] is not supported"),
+    ("window_size", (4, 0), "window_size=(4, 0) is not supported by the grid attention: "
+                            "sliding-window MLA"),
+])
+def test_entry_points_refuse_what_the_grids_mla_does_not_compute(name, value, message):
+    """The entry points' check (model_config.check_grid_options, called while the model config
+    is built, before any collective) refuses MLA options on the grid, and leaves megatron's own
+    MLA at plain TP alone."""
+    from megatron_mxn.megatron_lm.model_config import check_grid_options
+
+    config = make_config(MlaModel(), tp=4, m=2)
+    check_grid_options(_entry_args(2), config)  # (the plain grid MLA config passes)
+    setattr(config, name, value)
+    with pytest.raises(MxnConfigError, match="^" + re.escape(message)):
+        check_grid_options(_entry_args(2), config)
+    tp = make_config(MlaModel(), tp=4)
+    setattr(tp, name, value)
+    check_grid_options(_entry_args(1), tp)
+
+
+def test_entry_points_refuse_mla_with_megatrons_local_core_at_plain_tp():
+    from megatron_mxn.megatron_lm.model_config import check_grid_options
+
+    with pytest.raises(MxnConfigError, match="megatron-core's local DotProductAttention cannot "
+                                             "build MLA"):
+        check_grid_options(_entry_args(1, attention_backend="AttnBackend.local"),
+                           make_config(MlaModel(), tp=4))
+    with pytest.raises(MxnConfigError, match="MLA at plain TP runs the reference MLA core"):
+        check_grid_options(_entry_args(1, mxn_tp_core="fused"), make_config(MlaModel(), tp=4))
+
+
+def test_with_mla_core_fills_every_layer_of_a_block_spec():
+    """megatron's decoder block spec (MoE: a dense layer, then MoE layers, sharing layer spec
+    objects) gets the reference core in every MLA layer; only_local keeps a core other than
+    megatron's local DotProductAttention (Transformer Engine's)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    dense = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True)
+    moe = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=True,
+                                   num_experts=4)
+    assert moe.submodules.mlp is not dense.submodules.mlp
+    other = get_gpt_layer_local_spec(multi_latent_attention=True)
+    other.submodules.self_attention.submodules.core_attention = torch.nn.Identity
+    block = TransformerBlockSubmodules(layer_specs=[dense, moe, moe, other])
+    got = with_mla_core(block, only_local=True)
+    cores = [layer.submodules.self_attention.submodules.core_attention
+             for layer in got.layer_specs]
+    assert cores == [MlaDotProductAttention] * 3 + [torch.nn.Identity]
+    assert dense.submodules.self_attention.submodules.core_attention is not \
+        MlaDotProductAttention  # (a copy)
+    with pytest.raises(MxnConfigError, match="needs an MLA layer spec"):
+        with_mla_core(get_gpt_layer_local_spec())

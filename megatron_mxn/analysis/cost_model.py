@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 from megatron_mxn.accounting import CommRecord
 from megatron_mxn.grid.layout import GridLayout, MxnConfigError
+from megatron_mxn.grid.mla_layout import MlaLayout
 from megatron_mxn.megatron_lm.run_configs import flag_keys
 from megatron_mxn.attention.schedules import (
     AUTO,
@@ -50,6 +51,12 @@ class ModelShape:
     normalization: str = "LayerNorm"  # normalization (LayerNorm has a bias, RMSNorm not)
     bias: bool = True  # linear biases (Megatron's default; --disable-bias-linear: False)
     learned_positions: int = 0  # max-position-embeddings with learned_absolute positions
+    # multi-latent attention (multi-latent-attention; megatron.training's flag defaults)
+    mla: bool = False
+    kv_lora_rank: int = 0  # kv-lora-rank
+    qk_head_dim: int = 0  # qk-head-dim (a)
+    qk_pos_emb_head_dim: int = 0  # qk-pos-emb-head-dim (r)
+    v_head_dim: int = 0  # v-head-dim
 
     @classmethod
     def from_flags(cls, flags: Dict[str, object]) -> "ModelShape":
@@ -75,11 +82,32 @@ class ModelShape:
             normalization=str(f.get("normalization", "LayerNorm")),
             bias=not f.get("disable-bias-linear"),
             learned_positions=(int(f.get("max-position-embeddings") or 0) if f.get(
-                "position-embedding-type", "learned_absolute") == "learned_absolute" else 0))
+                "position-embedding-type", "learned_absolute") == "learned_absolute" else 0),
+            **_mla_fields(f))
+
+    def mla_cache_dims(self, dim_slices: int) -> int:
+        """Elements one cached position of one sequence holds per head (megatron-core's MLA at
+        plain TP: the up-projected key, a + r, and value, v) or, on the grid, of the latent
+        cache (the kv latent and the shared RoPE key: kv_lora_rank + r, for all heads)."""
+        if dim_slices > 1:
+            return self.kv_lora_rank + self.qk_pos_emb_head_dim
+        return self.qk_head_dim + self.qk_pos_emb_head_dim + self.v_head_dim
 
     def padded_vocab(self, tp: int) -> int:
         unit = self.vocab_divisible_by * tp
         return -(-self.vocab // unit) * unit
+
+
+# megatron.training's defaults of its MLA flags (a config may leave them out)
+MLA_FLAG_DEFAULTS = {"kv-lora-rank": 32, "qk-head-dim": 128, "qk-pos-emb-head-dim": 64,
+                     "v-head-dim": 128}
+
+
+def _mla_fields(f: Dict[str, object]) -> Dict[str, object]:
+    if not f.get("multi-latent-attention"):
+        return {}
+    return {"mla": True, **{k.replace("-", "_"): int(f.get(k) or default)
+                            for k, default in MLA_FLAG_DEFAULTS.items()}}
 
 
 @dataclass(frozen=True)
@@ -133,6 +161,12 @@ def check_layout(model: ModelShape, layout: Layout) -> None:
         if model.kv_heads % tp and tp % model.kv_heads:
             raise MxnConfigError(f"num_query_groups ({model.kv_heads}) and TP ({tp}) must "
                                  "divide one another")
+    elif model.mla:  # the grid's MLA: heads over all n*m ranks, each part's dims over m
+        if model.heads % tp:
+            raise MxnConfigError(f"MLA on the grid needs num_attention_heads ({model.heads}) "
+                                 f"divisible by n*m = {tp}")
+        MlaLayout(n, m, model.heads, model.qk_head_dim, model.qk_pos_emb_head_dim,
+                  model.v_head_dim)
     else:  # the grid attention's own rules (RoPE over the whole head unless positions are
         # learned: ModelShape does not say more)
         GridLayout(n, m, model.heads, model.kv_heads, model.head_dim,
@@ -189,6 +223,12 @@ def _kv_cache(layout: Layout) -> KVCache:
     return get_kv_cache(layout.kv_cache)
 
 
+def _no_mla(model: ModelShape, what: str) -> None:
+    if model.mla:
+        raise MxnConfigError(f"the cost model's {what} are standard attention's; for MLA it "
+                             "computes the KV cache only (kv_cache_bytes)")
+
+
 def _record(op: str, group: str, size: int, payload: int, inside: bool = True) -> CommRecord:
     return CommRecord(op, group, size, int(payload), inside)
 
@@ -196,6 +236,7 @@ def _record(op: str, group: str, size: int, payload: int, inside: bool = True) -
 def layer_collectives(model: ModelShape, layout: Layout, mb: int, sq: int, sk: int) -> Counter:
     """One transformer layer's forward for one micro-batch of `mb` sequences: `sq` new tokens
     attending to `sk` keys. {CommRecord: calls} on every rank of the layer."""
+    _no_mla(model, "collectives")
     out: Counter = Counter()
     tp, n, m, e = layout.tp, layout.head_groups, layout.dim_slices, model.elem_bytes
     h, g, d, hidden = model.heads, model.kv_heads, model.head_dim, model.hidden
@@ -251,6 +292,7 @@ def step_collectives(model: ModelShape, layout: Layout, batch: int, prompt: int,
 def layer_weight_bytes(model: ModelShape, layout: Layout) -> int:
     """Parameter bytes of one transformer layer on one rank with megatron-core's local layers
     (linears split over TP, norms and row-parallel biases replicated, experts over EP x ETP)."""
+    _no_mla(model, "weights")
     tp = layout.tp
     h, g, d, hidden = model.heads, model.kv_heads, model.head_dim, model.hidden
     norm = hidden * (2 if model.normalization == "LayerNorm" else 1)
@@ -288,10 +330,29 @@ def weight_bytes(model: ModelShape, layout: Layout, stage: int = 0) -> int:
 def kv_cache_bytes(model: ModelShape, layout: Layout, batch: int, context: int) -> int:
     """K and V cache of one rank: its KV heads (whole ones under TP; replicated once TP > g)
     for `context` positions of `batch` sequences; on the grid its d/m dims of each position
-    (dims cache) or all d dims of its ceil(context/m) positions (positions cache)."""
+    (dims cache) or all d dims of its ceil(context/m) positions (positions cache).
+    MLA (mla_kv_cache_bytes): megatron's up-projected K and V of its h/TP heads at plain TP,
+    the latent cache sharded by position over the n*m ranks on the grid."""
+    if model.mla:
+        return mla_kv_cache_bytes(model, layout, batch, context)
     m = layout.dim_slices
     positions, dims = (_kv_cache(layout) if m > 1 else DIMS).held(context, model.head_dim, m)
     return (2 * batch * positions * kv_heads_per_rank(model, layout) * dims * model.elem_bytes
+            * (model.layers // layout.pp))
+
+
+def mla_kv_cache_bytes(model: ModelShape, layout: Layout, batch: int, context: int) -> int:
+    """The MLA cache of one rank. Plain TP: megatron-core's MLA caches the up-projected key
+    (qk_head_dim + qk_pos_emb_head_dim) and value (v_head_dim) of its h/TP heads at every
+    position. The grid: the latent cache (kv_lora_rank + qk_pos_emb_head_dim per position,
+    shared by all heads), each of the n*m ranks holding ceil(context / (n*m)) positions,
+    whatever the run's KV-cache name (the latent cache has one)."""
+    tp, m = layout.tp, layout.dim_slices
+    if m > 1:
+        positions, heads = -(-context // tp), 1
+    else:
+        positions, heads = context, model.heads // tp
+    return (batch * positions * heads * model.mla_cache_dims(m) * model.elem_bytes
             * (model.layers // layout.pp))
 
 

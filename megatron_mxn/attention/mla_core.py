@@ -76,18 +76,34 @@ class MlaDotProductAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * v.size(-1))
 
 
-def with_mla_core(layer_spec):
+def with_mla_core(layer_spec, only_local: bool = False):
     """A copy of `layer_spec` (a GPT layer ModuleSpec, e.g. megatron-core's
-    get_gpt_layer_local_spec(multi_latent_attention=True)) whose MLA core attention is
-    MlaDotProductAttention: megatron's MLA at plain TP without Transformer Engine."""
+    get_gpt_layer_local_spec(multi_latent_attention=True), or a decoder block spec such as
+    get_gpt_decoder_block_spec's for MoE) whose MLA core attention is MlaDotProductAttention:
+    megatron's MLA at plain TP without Transformer Engine. only_local: replace only
+    megatron-core's local DotProductAttention (which cannot build MLA), keep any other core
+    (Transformer Engine's) as it is."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     spec = copy.deepcopy(layer_spec)
-    attn = spec.submodules.self_attention
-    module = import_module(attn.module) if isinstance(attn.module, tuple) else attn.module
-    if not (isinstance(module, type) and issubclass(module, MLASelfAttention)):
-        raise MxnConfigError(f"with_mla_core needs an MLA layer spec, got {module}")
-    attn.submodules = copy.copy(attn.submodules)
-    attn.submodules.core_attention = MlaDotProductAttention
+    if isinstance(spec, TransformerBlockSubmodules):
+        layers = spec.layer_specs
+    elif isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
+        layers = spec.submodules.layer_specs
+    else:
+        layers = [spec]
+    for layer in layers:
+        attn = getattr(getattr(layer, "submodules", None), "self_attention", None)
+        module = getattr(attn, "module", attn)
+        module = import_module(module) if isinstance(module, tuple) else module
+        if not (isinstance(module, type) and issubclass(module, MLASelfAttention)):
+            raise MxnConfigError(f"with_mla_core needs an MLA layer spec, got {module}")
+        core = attn.submodules.core_attention
+        if only_local and core is not DotProductAttention:
+            continue
+        attn.submodules = copy.copy(attn.submodules)
+        attn.submodules.core_attention = MlaDotProductAttention
     return spec
-

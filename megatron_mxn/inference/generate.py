@@ -50,6 +50,21 @@ def model_builder(args):
     return mxn_gpt_config_from_args(args), GPTModelBuilder
 
 
+def refuse_before_collectives(args) -> None:
+    """What the model config refuses (the grid's options, MLA's among them), on every rank
+    before Megatron's initialization (its first collective): the config is built again after
+    it, with the tokenizer's padded vocabulary. (Hybrid models: their config's own checks.)"""
+    from megatron.training.utils import is_hybrid_model
+
+    from megatron_mxn.megatron_lm.model_config import (
+        check_grid_options,
+        mxn_transformer_config_from_args,
+    )
+
+    if not is_hybrid_model(args):
+        check_grid_options(args, mxn_transformer_config_from_args(args))
+
+
 def read_prompts(gen, args, tokenizer_fn):
     """([batch, longest] prompt token ids, right-padded; each prompt's length or None when
     they are all equal), identical on every rank."""
@@ -111,6 +126,7 @@ def run(gen, args, cpu: bool):
 
     from megatron_mxn.grid.groups import mxn_parallel_is_initialized  # (megatron)
 
+    refuse_before_collectives(args)
     initialize_megatron(allow_no_cuda=cpu)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     model_cfg, builder = model_builder(args)
@@ -147,8 +163,12 @@ def resolve_kv_cache(gen, args, prompt_length: int, micro: int) -> str:
     bytes at the run's mean context length), decided by schedules.decide_kv_cache as
     generation.generate() and the cost model decide it; the same on every rank. Decided here
     once for the whole workload, so that the shorter warm-up generation uses it too."""
+    from megatron_mxn.attention.mla_decode import LATENT_POSITIONS, check_kv_cache_request
     from megatron_mxn.attention.schedules import ScoreShape, decide_kv_cache
 
+    if getattr(args, "multi_latent_attention", False) and args.mxn_dim_slices > 1:
+        check_kv_cache_request(gen.mxn_kv_cache)  # the grid's MLA has one cache: the latent
+        return LATENT_POSITIONS.name
     m = args.mxn_dim_slices
     n, h = args.mxn_head_groups, args.num_attention_heads
     g = args.num_query_groups if args.group_query_attention else h

@@ -34,9 +34,37 @@ def main() -> None:
             result = {"ok": True, "spec": type(getattr(cfg, "transformer_layer_spec",
                                                         None)).__name__,
                       "rope_fusion_after_parsing": rope_fusion}
+            if getattr(args, "multi_latent_attention", False):
+                result.update(_mla(cfg))
         except MxnConfigError as err:
             result = {"refused": str(err)}
         print("RESULT " + json.dumps(result), flush=True)
+
+
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+              "rope_type", "rotary_scaling_factor", "original_max_position_embeddings",
+              "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _mla(cfg) -> dict:
+    """The MLA config's class and fields, and the [self-attention, core] class names of each
+    layer of the spec the model config's callable makes (pure without MoE; megatron's MoE block
+    spec needs the pipeline groups: not built here)."""
+    from megatron.core.transformer.spec_utils import import_module
+
+    config = cfg.transformer
+    out = {"config": type(config).__name__,
+           "mla": {name: getattr(config, name) for name in MLA_FIELDS}}
+    if config.num_moe_experts:
+        return out
+    spec = cfg.transformer_layer_spec(cfg)
+    layers = getattr(getattr(spec, "submodules", spec), "layer_specs", None) or [spec]
+    attention = []
+    for layer in layers:
+        attn = layer.submodules.self_attention
+        module = import_module(attn.module) if isinstance(attn.module, tuple) else attn.module
+        attention += [module.__name__, attn.submodules.core_attention.__name__]
+    return {**out, "attention": attention}
 
 
 if __name__ == "__main__":
