@@ -178,7 +178,9 @@ class MxnMLASelfAttention(MLASelfAttention):
 
     def _forward_latent_cache(self, hidden_states, attention_mask, context):
         """Inference in megatron's static context with the latent cache sharded by position
-        over all n*m ranks and absorbed queries (mla_decode.py): two collectives per layer
+        over all n*m ranks (mla_decode.py). A prefill into an empty cache runs the layer's
+        schedule (the sequence-split core: O(s) memory) and keeps the owned latents; later
+        calls (decode, prefill chunks) attend with absorbed queries: two collectives per layer
         and step, independent of the context length."""
         config, layout, grid = self.config, self.mxn_layout, self.mxn_grid
         if not context.is_static_batching():
@@ -204,14 +206,26 @@ class MxnMLASelfAttention(MLASelfAttention):
             self._rope(k_pos_emb.index_select(-1, dims.to(k_pos_emb.device)).unsqueeze(-2),
                        freqs.index_select(-1, index.to(freqs.device)), mscale)
             for dims, index in self.mxn_rope_slices], dim=-1).squeeze(-2)
-        latent = torch.cat([apply_module(self.kv_layernorm)(kv_compressed), k_pe], dim=-1)
+        kv_latent = apply_module(self.kv_layernorm)(kv_compressed)
+        latent = torch.cat([kv_latent, k_pe], dim=-1)
+        cache = latent_cache(context, self.layer_number, latent.size(-1), layout.world,
+                             self.tp_group.rank(), latent.dtype, latent.device)
+        batch = slice(context.batch_size_offset, context.batch_size_offset + latent.size(1))
+        if start == 0:  # a prefill into an empty cache: the layer's schedule, O(s) memory
+            cache.store(latent.unsqueeze(2), None, 0, batch)
+            kv, _ = self.linear_kv_up_proj(kv_latent)
+            k_nope, value = kv.view(*kv.shape[:-1], heads, a + layout.v_slice).split(
+                [a, layout.v_slice], dim=-1)
+            k_pe = k_pe.view(sq, -1, grid.dim_slices, r)[:, :, grid.dim_slice_index]
+            query = torch.cat([q_nope, q_pe], dim=-1).contiguous()
+            key = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(-1, -1, heads, -1)], dim=-1)
+            out = self.core_attention(query, key.contiguous(), value.contiguous(),
+                                      attention_mask, attn_mask_type=self.attn_mask_type)
+            return apply_module(self.linear_proj)(out)
         up = self.linear_kv_up_proj.weight.view(heads, a + layout.v_slice, -1)
         up_k, up_v = up[:, :a], up[:, a:]  # [h/n, a/m, L], [h/n, v/m, L]
         queries = gather_absorbed_queries(torch.einsum("sbhd,hdc->sbhc", q_nope, up_k), q_pe,
                                           self.tp_group, grid.head_groups)
-        cache = latent_cache(context, self.layer_number, latent.size(-1), layout.world,
-                             self.tp_group.rank(), latent.dtype, latent.device)
-        batch = slice(context.batch_size_offset, context.batch_size_offset + latent.size(1))
         mask = self.core_attention.mask_of(attention_mask, self.attn_mask_type, sq, start + sq)
         out = latent_position_attention(queries, latent, cache, start, batch, self.tp_group,
                                         grid.head_groups, config.kv_lora_rank,

@@ -20,8 +20,9 @@ c_p)), a step with s_q new tokens on rank (i, j):
    receiver weighs the n*m pieces, exact as in position_cache.py, applies its W_UV slice
    [h/n, v/m, L] and hands linear_proj the value dims j of its heads, as in training.
 
-Two collectives per layer and step, whose bytes do not depend on the context. A prefill takes
-the same path with a causal mask over positions (absorbed attention is exact for any s_q).
+Two collectives per layer and step, whose bytes do not depend on the context. A prefill into
+an empty cache runs the layer's own schedule instead (O(s) memory; mla.py); a later prefill
+chunk takes the steps above with a causal mask over positions.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class LatentPositionsCache(KVCache):
     """The name generate() reports for MLA on the grid (not selectable: MLA has one cache)."""
 
     name = "latent-positions"
-    label = "latent by position"
+    label = " KV-by-position"  # (MLA's KV cache is its latent; the layout names as positions')
 
     def held(self, context: int, head_dim: int, dim_slices: int):
         raise NotImplementedError("the latent cache is sized by latent_cache_bytes")

@@ -216,12 +216,14 @@ def _print_comm(per_step, decode, layers: int, decode_steps: int, layer_bytes) -
 
 
 def layout_name(args, kv_cache: str = "dims") -> str:
+    from megatron_mxn.attention.mla_decode import LATENT_POSITIONS
     from megatron_mxn.attention.schedules import AUTO, get_kv_cache
 
     pp = f" PP={args.pipeline_model_parallel_size}" if args.pipeline_model_parallel_size > 1 else ""
     if args.mxn_dim_slices > 1:
         schedule = "" if args.mxn_attention == AUTO else f" {args.mxn_attention}"
-        cache = get_kv_cache(kv_cache).label  # (as cost_model.Layout.name)
+        cache = (LATENT_POSITIONS if kv_cache == LATENT_POSITIONS.name  # (MLA's one cache)
+                 else get_kv_cache(kv_cache)).label  # (as cost_model.Layout.name)
         return f"grid {args.mxn_head_groups}x{args.mxn_dim_slices}{pp}{schedule}{cache}"
     core = " fused" if getattr(args, "mxn_tp_core", "megatron") == "fused" else ""
     return f"TP={args.tensor_model_parallel_size}{pp}{core}"
