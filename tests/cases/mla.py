@@ -166,29 +166,35 @@ def _generate(model, pgs, prompt, steps, counted_steps=None, **kwargs):
 
 
 def decode_matches_tp1(n: int, m: int, prompt: int = 8, steps: int = 8, batch_size: int = 2,
-                       prompt_lengths=None, prefill_chunk=None, **model_kwargs):
+                       prompt_lengths=None, prefill_chunk=None, reference: bool = True,
+                       **model_kwargs):
     """Greedy generation of the grid n x m (the latent cache sharded by position, absorbed
     queries) against megatron's MLA at TP=1 (its static cache of up-projected K/V), from the
     same weights: tokens, per-step logits (worst element relative to the max), this rank's
-    latent cache bytes, and the collectives of the decode steps (bytes, calls)."""
+    latent cache bytes, and the collectives of the decode steps (bytes, calls).
+    reference=False: the grid alone (its collectives and cache; long prompts)."""
     model_spec = MlaModel(**model_kwargs)
     ids = torch.randint(0, VOCAB, (batch_size, prompt),
                         generator=torch.Generator().manual_seed(5))
     options = dict(prompt_lengths=prompt_lengths, prefill_chunk=prefill_chunk)
-    pgs = megatron_mxn.initialize_mxn_parallel(1, 1, create_gloo_process_groups=False)
-    seed_all()
-    ref = build(model_spec, make_config(model_spec, tp=1), pgs, grid=False).eval()
-    weights = full_layout(ref, lambda p: p.data)
-    want, _ = _generate(ref, pgs, ids, steps, **options)
-    megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
+    if reference:
+        pgs = megatron_mxn.initialize_mxn_parallel(1, 1, create_gloo_process_groups=False)
+        seed_all()
+        ref = build(model_spec, make_config(model_spec, tp=1), pgs, grid=False).eval()
+        weights = full_layout(ref, lambda p: p.data)
+        want, _ = _generate(ref, pgs, ids, steps, **options)
+        megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
 
     pgs = megatron_mxn.initialize_mxn_parallel(n, m, create_gloo_process_groups=False)
     seed_all(99)
     config = make_config(model_spec, tp=n * m, m=m)
     model = build(model_spec, config, pgs, grid=True).eval()
-    load_full(model, weights)
+    if reference:
+        load_full(model, weights)
     got, comm = _generate(model, pgs, ids, steps, counted_steps=range(2, steps), **options)
     megatron_mxn.destroy_mxn_parallel(destroy_model_parallel=True)
+    if not reference:
+        return {"cache_bytes": got.kv_cache_bytes, "comm": comm}
     return {"tokens_equal": torch.equal(got.tokens, want.tokens),
             "tokens": got.tokens.tolist(),
             "logits": max(max_rel_err(a, b) for a, b in zip(got.step_logits, want.step_logits)),
