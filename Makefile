@@ -39,11 +39,11 @@ ab-kv-budget: $(STAMP)  # every layout at the same KV-cache budget per rank, its
 # ab-kv-budget run them after cpu_long's); the grid keeps MLA's latent cache by position.
 ab-mla-long: $(STAMP)
 	$(PY) scripts/ab_compare.py --config configs/cpu_mla.yaml \
-		--layouts baseline,tp,grid,grid_1x4 --prompt-lengths 512,2048,4096,8192 --run ab-mla-long
+		--layouts baseline,tp,tp_fused,grid,grid_1x4 --prompt-lengths 512,2048,4096,8192 --run ab-mla-long
 
 ab-mla-kv-budget: $(STAMP)  # MLA at an equal KV-cache budget: the latent cache vs TP's K/V
 	$(PY) scripts/ab_compare.py --config configs/cpu_mla.yaml \
-		--layouts tp,baseline,grid,grid_1x4 --prompt-lengths 2048,4096,8192 \
+		--layouts tp,tp_fused,baseline,grid,grid_1x4 --prompt-lengths 2048,4096,8192 \
 		--kv-budget-mib 16 --run ab-mla-kv-budget
 
 plan: $(STAMP)

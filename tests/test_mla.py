@@ -301,8 +301,34 @@ def test_entry_points_refuse_mla_with_megatrons_local_core_at_plain_tp():
                                              "build MLA"):
         check_grid_options(_entry_args(1, attention_backend="AttnBackend.local"),
                            make_config(MlaModel(), tp=4))
-    with pytest.raises(MxnConfigError, match="MLA at plain TP runs the reference MLA core"):
-        check_grid_options(_entry_args(1, mxn_tp_core="fused"), make_config(MlaModel(), tp=4))
+    check_grid_options(_entry_args(1, mxn_tp_core="fused"), make_config(MlaModel(), tp=4))
+
+
+def test_fused_tp_core_computes_the_reference_mla_core():
+    """--mxn-tp-core fused for MLA (the like-kernel TP baseline): the fused kernels give the
+    reference core's output for a causal prefill, a decode row after a cache (lower-right
+    causal), a chunk at an offset and a padding mask; the fused spec swaps every MLA core."""
+    from megatron_mxn.attention.fused_core import FusedMlaDotProductAttention
+    from megatron_mxn.attention.spec import get_fused_tp_layer_spec
+
+    config = make_config(MlaModel(), tp=1)
+    tp1 = types.SimpleNamespace(tp=types.SimpleNamespace(size=lambda: 1))
+    cores = [cls(config, 1, AttnMaskType.causal, "self", softmax_scale=0.3, k_channels=24,
+                 v_channels=12, pg_collection=tp1)
+             for cls in (MlaDotProductAttention, FusedMlaDotProductAttention)]
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(9, 2, 8, 24, generator=g), torch.randn(9, 2, 8, 12, generator=g)
+    padded = torch.ones(9, 9, dtype=torch.bool).triu(1).expand(2, 1, 9, 9).clone()
+    padded[1, :, :, 6:] = True
+    for sq, mask in ((9, None), (1, None), (4, None), (9, padded)):
+        q = torch.randn(sq, 2, 8, 24, generator=g)
+        ref, fused = (c(q, k, v, mask) for c in cores)
+        assert fused.shape == ref.shape == (sq, 2, 8 * 12)
+        assert (fused - ref).abs().max() < 1e-5 * ref.abs().max(), sq
+    spec = get_fused_tp_layer_spec(with_mla_core(get_gpt_layer_local_spec(
+        multi_latent_attention=True, qk_layernorm=True)))
+    assert spec.submodules.self_attention.submodules.core_attention is \
+        FusedMlaDotProductAttention
 
 
 def test_with_mla_core_fills_every_layer_of_a_block_spec():

@@ -19,6 +19,7 @@ from megatron.core.transformer.utils import is_layer_window_attention
 
 from megatron_mxn.attention import kernels
 from megatron_mxn.attention.mask import MaskSpec
+from megatron_mxn.attention.mla_core import MlaDotProductAttention
 
 
 class FusedDotProductAttention(DotProductAttention):
@@ -56,17 +57,47 @@ class FusedDotProductAttention(DotProductAttention):
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
 
 
+class FusedMlaDotProductAttention(MlaDotProductAttention):
+    """The MLA core at plain TP (mla_core.MlaDotProductAttention: query/key heads of one dim,
+    value heads of another, megatron's MLA scale) computed by kernels.attention (the narrower
+    side zero-padded): the like-kernel TP baseline for MLA."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """query/key [s, b, h/tp, a + r], value [sk, b, h/tp, v] -> [sq, b, h/tp * v]; the
+        mask as MlaDotProductAttention reads it (a tensor as given, else causal lower-right
+        aligned for a causal call)."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("the fused MLA core supports neither packed sequences nor an "
+                             "attention bias")
+        sq, b, heads, _ = query.shape
+        sk = key.size(0)
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and \
+            attention_mask is None
+        mask = MaskSpec.of(causal, sk - sq, None, attention_mask)
+        dropout = self.dropout_p if self.training else 0.0
+        with (get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext()):
+            out = kernels.attention(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                                    value.permute(1, 2, 0, 3), scale=self.softmax_scale,
+                                    mask=mask, dropout_p=dropout)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * value.size(-1))
+
+
+FUSED_CORES = (FusedDotProductAttention, FusedMlaDotProductAttention)
+
+
 def check_fused_model(model) -> int:
     """The number of attention cores of `model`, all fused; raises when any is not (megatron.
     training's --attention-backend local swaps megatron's core back in after the spec), so that
     a run labelled fused never measures megatron's kernel."""
     from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
     from megatron_mxn.grid.layout import MxnConfigError
 
-    cores = [m.core_attention for m in model.modules() if isinstance(m, SelfAttention)]
-    other = sorted({type(c).__qualname__ for c in cores
-                    if not isinstance(c, FusedDotProductAttention)})
+    cores = [m.core_attention for m in model.modules()
+             if isinstance(m, (SelfAttention, MLASelfAttention))]
+    other = sorted({type(c).__qualname__ for c in cores if not isinstance(c, FUSED_CORES)})
     if other:
         raise MxnConfigError(f"--mxn-tp-core fused, but the model's attention runs {other} "
                              "(something replaced the fused core after the layer spec, e.g. "

@@ -311,7 +311,7 @@ def mla_layout(config, head_groups: int, dim_slices: int) -> MlaLayout:
 
 # The MLA cores the grid's reproduces: megatron-core's (which need TE for MLA) and the plugin's
 # reference (mla_core.MlaDotProductAttention).
-_MLA_CORES = {("megatron.core.transformer.dot_product_attention", "DotProductAttention"),
+MLA_CORES = {("megatron.core.transformer.dot_product_attention", "DotProductAttention"),
               ("megatron.core.extensions.transformer_engine", "TEDotProductAttention"),
               ("megatron_mxn.attention.mla_core", "MlaDotProductAttention")}
 
@@ -328,7 +328,7 @@ def grid_mla_attention_spec(attn: ModuleSpec) -> ModuleSpec:
             "megatron-core's MLASelfAttention itself, not its subclasses")
     core = attn.submodules.core_attention
     name = (getattr(core, "__module__", None), getattr(core, "__qualname__", None))
-    if name not in _MLA_CORES and not (isinstance(core, type) and
+    if name not in MLA_CORES and not (isinstance(core, type) and
                                        issubclass(core, MxnMlaDotProductAttention)):
         raise MxnConfigError(
             f"the MLA spec's core_attention ({getattr(core, '__qualname__', core)}) is not "

@@ -97,9 +97,15 @@ def _check_replaceable(module, core) -> None:
 
 def get_fused_tp_layer_spec(base_spec):
     """`base_spec` (as get_mxn_layer_spec takes it) for plain TP (m = 1) with megatron-core's
-    SelfAttention unchanged and its core attention computed by the plugin's fused kernels
-    (fused_core.FusedDotProductAttention): the TP baseline with the grid's kernels."""
-    from megatron_mxn.attention.fused_core import FusedDotProductAttention
+    SelfAttention (or MLASelfAttention) unchanged and its core attention computed by the
+    plugin's fused kernels (fused_core.FusedDotProductAttention, FusedMlaDotProductAttention):
+    the TP baseline with the grid's kernels."""
+    from megatron_mxn.attention.fused_core import (
+        FUSED_CORES,
+        FusedDotProductAttention,
+        FusedMlaDotProductAttention,
+    )
+    from megatron_mxn.attention.mla import MLA_CORES
 
     spec = copy.deepcopy(base_spec)
     for layer in _layer_specs(spec):
@@ -107,15 +113,24 @@ def get_fused_tp_layer_spec(base_spec):
         module = attn.module if isinstance(attn, ModuleSpec) else attn
         if isinstance(module, tuple):
             module = import_module(module)
-        if module is not SelfAttention:
-            raise MxnConfigError(f"the layer spec's self_attention ({module}) is not "
-                                 "megatron-core's SelfAttention; the fused TP core replaces only "
-                                 "that one's core")
-        if attn.submodules.core_attention is FusedDotProductAttention:
+        core = attn.submodules.core_attention
+        if core in FUSED_CORES:
             continue  # (a block spec may list one layer spec object several times)
-        _check_replaceable(module, attn.submodules.core_attention)
+        if module is MLASelfAttention:
+            name = (getattr(core, "__module__", None), getattr(core, "__qualname__", None))
+            if name not in MLA_CORES:
+                raise MxnConfigError(f"the MLA spec's core_attention ({name[1]}) is not one the "
+                                     "fused TP core computes the same as")
+            fused = FusedMlaDotProductAttention
+        elif module is SelfAttention:
+            _check_replaceable(module, core)
+            fused = FusedDotProductAttention
+        else:
+            raise MxnConfigError(f"the layer spec's self_attention ({module}) is not "
+                                 "megatron-core's SelfAttention or MLASelfAttention; the fused "
+                                 "TP core replaces only those ones' core")
         attn.submodules = copy.copy(attn.submodules)
-        attn.submodules.core_attention = FusedDotProductAttention
+        attn.submodules.core_attention = fused
     return spec
 
 

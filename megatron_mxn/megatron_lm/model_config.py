@@ -68,13 +68,12 @@ def mxn_gpt_config_from_args(args, model_config_cls=None):
     check_grid_options(args, config)
     cfg = gpt_config_from_args(args, config=config,
                                model_config_cls=model_config_cls or MxnGPTModelConfig)
-    if args.mxn_dim_slices > 1 or config.multi_latent_attention:
+    fused_tp = getattr(args, "mxn_tp_core", "megatron") == "fused"  # (m = 1: flags.py)
+    if args.mxn_dim_slices > 1 or config.multi_latent_attention or fused_tp:
         # (MLA at plain TP too: megatron's local spec gets the reference MLA core)
         cfg.transformer_layer_spec = GridLayerSpec(args.mxn_dim_slices,
-                                                   cfg.transformer_layer_spec)
-    elif getattr(args, "mxn_tp_core", "megatron") == "fused":
-        cfg.transformer_layer_spec = GridLayerSpec(1, cfg.transformer_layer_spec,
-                                                   fused_tp=True)
+                                                   cfg.transformer_layer_spec,
+                                                   fused_tp=fused_tp)
     return cfg
 
 
@@ -95,9 +94,6 @@ def check_grid_options(args, config) -> None:
             "--multi-latent-attention with --attention-backend local: megatron-core's local "
             "DotProductAttention cannot build MLA (no k_channels/v_channels); leave the "
             "attention backend to the entry point, which uses the reference MLA core")
-    if mla and getattr(args, "mxn_tp_core", "megatron") == "fused":
-        raise MxnConfigError("--mxn-tp-core fused replaces the core of megatron-core's "
-                             "SelfAttention; MLA at plain TP runs the reference MLA core")
     if getattr(config, "mxn_dim_slices", 1) <= 1:
         return
     options.check_model(config, position_embedding_type=args.position_embedding_type)
