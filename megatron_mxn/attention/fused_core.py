@@ -5,7 +5,9 @@ unfused DotProductAttention (fp32 s x s scores, masked softmax).
 The grid's `seq` core and its position-sharded KV cache run these kernels; megatron's local TP
 does not, so a grid / TP ratio mixes the layout with the kernel. With this core the TP layout
 is unchanged (same SelfAttention, weights, KV cache and collectives) and only the kernel of the
-attention core differs: `--mxn-tp-core fused` (megatron_lm/flags.py) selects it.
+attention core differs: `--mxn-tp-core fused` (megatron_lm/flags.py) selects it. For MLA the
+same holds with megatron's MLASelfAttention and the reference MLA core's function
+(FusedMlaDotProductAttention).
 """
 
 from __future__ import annotations
