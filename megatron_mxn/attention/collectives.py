@@ -1,5 +1,6 @@
 """Collectives used by the grid attention: autograd-aware ones (training), and the plain
-all-to-all that combines the position-sharded cache's partial outputs (decode)."""
+all-to-alls that bring the position-sharded caches' partial outputs to the ranks that combine
+them (decode: the dim-slice cache's and MLA's latent cache's)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,24 @@ def exchange_dim_slices_with_lse(partial: torch.Tensor, lse: torch.Tensor,
     b, h, s, d = partial.shape
     dims = partial.float().reshape(b, h, s, m, d // m).permute(3, 0, 1, 2, 4)
     send = torch.cat([dims, lse.float().expand(m, b, h, s).unsqueeze(-1)], dim=-1).contiguous()
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    return received[..., :-1], received[..., -1]
+
+
+@torch.no_grad()
+def exchange_head_groups_with_lse(partial: torch.Tensor, lse: torch.Tensor, group,
+                                  head_groups: int):
+    """One all-to-all over the n*m ranks: every rank's partial latent output [b, h, sq, L]
+    and log-sum-exp [b, h, sq] -> for this rank's head group, every rank's pieces
+    [n*m, b, h/n, sq, L] and log-sum-exps [n*m, b, h/n, sq] (fp32, rank order). Rank t sends
+    rank (i', j') one fp32 block [b, h/n, sq, L + 1]: head group i''s heads and their lse."""
+    world = dist.get_world_size(group)
+    m = world // head_groups
+    b, h, sq, latent = partial.shape
+    block = torch.cat([partial.float(), lse.float().unsqueeze(-1)], dim=-1)
+    block = block.view(b, head_groups, h // head_groups, sq, latent + 1).transpose(0, 1)
+    send = block.repeat_interleave(m, dim=0).contiguous()  # [n*m, b, h/n, sq, L + 1]
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     return received[..., :-1], received[..., -1]

@@ -36,27 +36,17 @@ class FusedDotProductAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        """query [sq, b, heads, d], key/value [sk, b, kv heads, d] -> [sq, b, heads * d].
-        The mask as the grid's core reads it (MaskSpec.of): causal, lower-right aligned, when
-        the call is causal and has no mask tensor; a window replaces both."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("the fused TP core supports neither packed sequences nor an "
-                             "attention bias (use megatron's core: --mxn-tp-core megatron)")
-        sq, b, heads, d = query.shape
-        sk = key.size(0)
-        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and \
-            attention_mask is None
-        mask = MaskSpec.of(causal, sk - sq, self.window, attention_mask)
+        """query [sq, b, heads, d], key/value [sk, b, kv heads, d] -> [sq, b, heads * d]
+        (fused_core_attention)."""
+        _refuse_packed_and_bias(packed_seq_params, attention_bias)
         dropout = self.attention_dropout.p if self.training else 0.0
         rng = (get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel
                else contextlib.nullcontext())  # (megatron's choice of stream)
         sink = None if self.softmax_offset is None else self.softmax_offset.float()
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
-        with rng:
-            out = kernels.attention(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
-                                    value.permute(1, 2, 0, 3), scale=scale, mask=mask,
-                                    dropout_p=dropout, sink=sink)
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+        return fused_core_attention(query, key, value, attention_mask,
+                                    attn_mask_type or self.attn_mask_type, self.window, scale,
+                                    dropout, rng, sink)
 
 
 class FusedMlaDotProductAttention(MlaDotProductAttention):
@@ -67,25 +57,38 @@ class FusedMlaDotProductAttention(MlaDotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         """query/key [s, b, h/tp, a + r], value [sk, b, h/tp, v] -> [sq, b, h/tp * v]; the
-        mask as MlaDotProductAttention reads it (a tensor as given, else causal lower-right
-        aligned for a causal call)."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("the fused MLA core supports neither packed sequences nor an "
-                             "attention bias")
-        sq, b, heads, _ = query.shape
-        sk = key.size(0)
-        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and \
-            attention_mask is None
-        mask = MaskSpec.of(causal, sk - sq, None, attention_mask)
+        mask as MlaDotProductAttention reads it (fused_core_attention)."""
+        _refuse_packed_and_bias(packed_seq_params, attention_bias)
         dropout = self.dropout_p if self.training else 0.0
-        with (get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext()):
-            out = kernels.attention(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
-                                    value.permute(1, 2, 0, 3), scale=self.softmax_scale,
-                                    mask=mask, dropout_p=dropout)
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * value.size(-1))
+        rng = get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext()
+        return fused_core_attention(query, key, value, attention_mask,
+                                    attn_mask_type or self.attn_mask_type, None,
+                                    self.softmax_scale, dropout, rng)
 
 
 FUSED_CORES = (FusedDotProductAttention, FusedMlaDotProductAttention)
+
+
+def fused_core_attention(query, key, value, attention_mask, attn_mask_type, window, scale,
+                         dropout, rng, sink=None):
+    """The fused cores' attention in megatron's layout: query [sq, b, heads, dk], key/value
+    [sk, b, kv heads, dk / dv] -> [sq, b, heads * dv]. The mask as the grid's core reads it
+    (MaskSpec.of): causal, lower-right aligned, when the call is causal and has no mask tensor;
+    a window replaces both. rng: the dropout's RNG context."""
+    sq, b, heads, _ = query.shape
+    causal = attn_mask_type == AttnMaskType.causal and attention_mask is None
+    mask = MaskSpec.of(causal, key.size(0) - sq, window, attention_mask)
+    with rng:
+        out = kernels.attention(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                                value.permute(1, 2, 0, 3), scale=scale, mask=mask,
+                                dropout_p=dropout, sink=sink)
+    return out.permute(2, 0, 1, 3).reshape(sq, b, heads * value.size(-1))
+
+
+def _refuse_packed_and_bias(packed_seq_params, attention_bias) -> None:
+    if packed_seq_params is not None or attention_bias is not None:
+        raise ValueError("the fused TP cores support neither packed sequences nor an "
+                         "attention bias (use megatron's core: --mxn-tp-core megatron)")
 
 
 def check_fused_model(model) -> int:

@@ -169,6 +169,19 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     return torch.matmul(probs, v), lse
 
 
+def merge_partials(pieces: Tensor, lses: Tensor, sink: Optional[Tensor] = None) -> Tensor:
+    """The exact merge of an attention split over keys: pieces [k, ..., d] (each share's
+    attention_with_lse output, fp32) and their log-sum-exps lses [k, ...] -> sum_i exp(L_i - L)
+    O_i with L = logsumexp_i L_i [..., d]. sink: attention-sink logits broadcastable to
+    lses[0], one more term of the denominator (once, not once per share). A row no share sees
+    a key of comes out 0."""
+    total = torch.logsumexp(lses, dim=0)
+    if sink is not None:
+        total = torch.logaddexp(total, sink.float())
+    weight = torch.exp(lses - total).nan_to_num(0.0)
+    return (pieces * weight.unsqueeze(-1)).sum(dim=0)
+
+
 def _check(q, k, v, mask, dropout_p, backend) -> None:
     """Refuse impossible requests up front (the private CPU op silently accepts hq % hk != 0)."""
     if backend not in BACKENDS:

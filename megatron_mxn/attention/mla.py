@@ -28,12 +28,13 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
-from megatron.core.transformer.spec_utils import ModuleSpec, import_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.typed_torch import apply_module
 from megatron.core.utils import deprecate_inference_params
 
 from megatron_mxn.attention import options
 from megatron_mxn.attention.core import MxnDotProductAttention
+from megatron_mxn.attention.layer_specs import module_class
 from megatron_mxn.attention.mla_decode import (
     LATENT_POSITIONS,
     check_kv_cache_request,
@@ -112,15 +113,15 @@ class MxnMLASelfAttention(MLASelfAttention):
                          pp_layer_offset=pp_layer_offset, name=name)
         self.mxn_layout, self.mxn_grid = layout, grid
         self.num_attention_heads_per_partition = layout.heads_per_rank
-        j = grid.dim_slice_index
-        self.register_buffer("mxn_rope_dims", torch.tensor(layout.rope_dims(j)),
+        # each slice's RoPE dims and their frequencies ([m, r/m]; this rank's: row j). The
+        # cached RoPE key (decode) holds every slice's.
+        slices = range(grid.dim_slices)
+        self.register_buffer("mxn_rope_dims",
+                             torch.tensor([layout.rope_dims(s) for s in slices]),
                              persistent=False)
-        self.register_buffer("mxn_rotary_index", torch.tensor(layout.rotary_freq_index(j)),
+        self.register_buffer("mxn_rotary_index",
+                             torch.tensor([layout.rotary_freq_index(s) for s in slices]),
                              persistent=False)
-        # every slice's RoPE dims and frequencies: the cached RoPE key holds all of them
-        self.mxn_rope_slices = [(torch.tensor(layout.rope_dims(s)),
-                                 torch.tensor(layout.rotary_freq_index(s)))
-                                for s in range(grid.dim_slices)]
         # the grid's latent cache serves inference (mla_decode.py), not megatron's absorption
         self.cache_mla_latents = False
 
@@ -148,29 +149,47 @@ class MxnMLASelfAttention(MLASelfAttention):
                                     inference_context=None, *, inference_params=None):
         """[s, b, D] -> query/key [s, b, h/n, a/m + r/m], value [s, b, h/n, v/m] (this rank's
         heads and dims; RoPE applied to the slice's pairs), and the two latents."""
-        config, layout = self.config, self.mxn_layout
-        seq = self.rotary_pos_emb.get_rotary_seq_len(None, None, hidden_states, config, None)
+        seq = self.rotary_pos_emb.get_rotary_seq_len(None, None, hidden_states, self.config,
+                                                     None)
         freqs, mscale = self._rotary(seq)
+        q_nope, q_pe, q_compressed, kv_latent, k_pos_emb, freqs = self._project(
+            hidden_states, freqs, mscale)
+        j = self.mxn_grid.dim_slice_index
+        k_pe = self._rope(k_pos_emb.index_select(-1, self.mxn_rope_dims[j]).unsqueeze(-2),
+                          freqs.index_select(-1, self.mxn_rotary_index[j]), mscale)
+        key, value = self._keys_and_values(kv_latent, k_pe)
+        return (torch.cat([q_nope, q_pe], dim=-1).contiguous(), key, value, q_compressed,
+                kv_latent)
+
+    def _project(self, hidden_states, freqs, mscale):
+        """The layer's projections of hidden_states [s, b, D] whose RoPE frequencies start at
+        freqs[0]: this rank's query dims (no-position part, RoPE part rotated) [s, b, h/n, .],
+        the q latent (normed) or the hidden states, the kv latent (normed) [s, b, L], the
+        unrotated RoPE key [s, b, r], and the frequencies of these s positions."""
+        config, layout = self.config, self.mxn_layout
         q_compressed, kv_compressed, k_pos_emb = self._latents(hidden_states)
         if config.q_lora_rank is not None:
             q_compressed = self._q_latent_norm(q_compressed)
             q, _ = self.linear_q_up_proj(q_compressed)
         else:
             q, _ = self.linear_q_proj(q_compressed)
-        kv_compressed = apply_module(self.kv_layernorm)(kv_compressed)
-        kv, _ = self.linear_kv_up_proj(kv_compressed)
+        a, r = layout.nope_slice, layout.rope_slice
+        q_nope, q_pe = q.view(*q.shape[:-1], layout.heads_per_rank, a + r).split([a, r], dim=-1)
+        freqs = freqs[:q.size(0)]
+        q_pe = self._rope(q_pe, freqs.index_select(-1, self.mxn_rotary_index[
+            self.mxn_grid.dim_slice_index]), mscale)
+        kv_latent = apply_module(self.kv_layernorm)(kv_compressed)
+        return q_nope, q_pe, q_compressed, kv_latent, k_pos_emb, freqs
 
-        heads, a, r, v = (layout.heads_per_rank, layout.nope_slice, layout.rope_slice,
-                          layout.v_slice)
-        q_nope, q_pe = q.view(*q.shape[:-1], heads, a + r).split([a, r], dim=-1)
+    def _keys_and_values(self, kv_latent, k_pe):
+        """kv latent [s, b, L] and this slice's rotated RoPE key [s, b, 1, r/m] -> this rank's
+        keys [s, b, h/n, a/m + r/m] and values [s, b, h/n, v/m]."""
+        layout = self.mxn_layout
+        heads, a, v = layout.heads_per_rank, layout.nope_slice, layout.v_slice
+        kv, _ = self.linear_kv_up_proj(kv_latent)
         k_nope, value = kv.view(*kv.shape[:-1], heads, a + v).split([a, v], dim=-1)
-        k_pe = k_pos_emb.index_select(-1, self.mxn_rope_dims).unsqueeze(-2)
-        freqs = freqs[:q.size(0)].index_select(-1, self.mxn_rotary_index)
-        q_pe, k_pe = (self._rope(t, freqs, mscale) for t in (q_pe, k_pe))
-        query = torch.cat([q_nope, q_pe], dim=-1)
         key = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
-        return (query.contiguous(), key.contiguous(), value.contiguous(), q_compressed,
-                kv_compressed)
+        return key.contiguous(), value.contiguous()
 
     def prepare_for_absorption(self):
         """No-op: the grid absorbs the up-projections at decode (_forward_latent_cache) and
@@ -193,35 +212,26 @@ class MxnMLASelfAttention(MLASelfAttention):
         use_kv_cache(context, LATENT_POSITIONS)
         start, sq = context.sequence_len_offset, hidden_states.size(0)
         freqs, mscale = self._rotary(start + sq)
-        freqs = freqs[start:start + sq]
-        q_compressed, kv_compressed, k_pos_emb = self._latents(hidden_states)
-        if config.q_lora_rank is not None:
-            q, _ = self.linear_q_up_proj(self._q_latent_norm(q_compressed))
-        else:
-            q, _ = self.linear_q_proj(q_compressed)
-        heads, a, r = layout.heads_per_rank, layout.nope_slice, layout.rope_slice
-        q_nope, q_pe = q.view(*q.shape[:-1], heads, a + r).split([a, r], dim=-1)
-        q_pe = self._rope(q_pe, freqs.index_select(-1, self.mxn_rotary_index), mscale)
+        q_nope, q_pe, _, kv_latent, k_pos_emb, freqs = self._project(
+            hidden_states, freqs[start:], mscale)
         k_pe = torch.cat([  # every slice's pairs, in slice order (as the queries' dims)
-            self._rope(k_pos_emb.index_select(-1, dims.to(k_pos_emb.device)).unsqueeze(-2),
-                       freqs.index_select(-1, index.to(freqs.device)), mscale)
-            for dims, index in self.mxn_rope_slices], dim=-1).squeeze(-2)
-        kv_latent = apply_module(self.kv_layernorm)(kv_compressed)
-        latent = torch.cat([kv_latent, k_pe], dim=-1)
+            self._rope(k_pos_emb.index_select(-1, dims).unsqueeze(-2),
+                       freqs.index_select(-1, index), mscale)
+            for dims, index in zip(self.mxn_rope_dims, self.mxn_rotary_index)],
+            dim=-1)  # [sq, b, 1, r]
+        latent = torch.cat([kv_latent, k_pe.squeeze(-2)], dim=-1)
         cache = latent_cache(context, self.layer_number, latent.size(-1), layout.world,
                              self.tp_group.rank(), latent.dtype, latent.device)
         batch = slice(context.batch_size_offset, context.batch_size_offset + latent.size(1))
         if start == 0:  # a prefill into an empty cache: the layer's schedule, O(s) memory
             cache.store(latent.unsqueeze(2), None, 0, batch)
-            kv, _ = self.linear_kv_up_proj(kv_latent)
-            k_nope, value = kv.view(*kv.shape[:-1], heads, a + layout.v_slice).split(
-                [a, layout.v_slice], dim=-1)
-            k_pe = k_pe.view(sq, -1, grid.dim_slices, r)[:, :, grid.dim_slice_index]
-            query = torch.cat([q_nope, q_pe], dim=-1).contiguous()
-            key = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(-1, -1, heads, -1)], dim=-1)
-            out = self.core_attention(query, key.contiguous(), value.contiguous(),
-                                      attention_mask, attn_mask_type=self.attn_mask_type)
+            r = layout.rope_slice
+            key, value = self._keys_and_values(
+                kv_latent, k_pe[..., grid.dim_slice_index * r:(grid.dim_slice_index + 1) * r])
+            out = self.core_attention(torch.cat([q_nope, q_pe], dim=-1).contiguous(), key,
+                                      value, attention_mask, attn_mask_type=self.attn_mask_type)
             return apply_module(self.linear_proj)(out)
+        heads, a = layout.heads_per_rank, layout.nope_slice
         up = self.linear_kv_up_proj.weight.view(heads, a + layout.v_slice, -1)
         up_k, up_v = up[:, :a], up[:, a:]  # [h/n, a/m, L], [h/n, v/m, L]
         queries = gather_absorbed_queries(torch.einsum("sbhd,hdc->sbhc", q_nope, up_k), q_pe,
@@ -321,15 +331,13 @@ def grid_mla_attention_spec(attn: ModuleSpec) -> ModuleSpec:
     the grid's core; the down-projections, norms and linears stay the spec's. A subclass of
     MLASelfAttention (FusedMLASelfAttention, ...) or another core would silently not run, so
     they are refused."""
-    module = import_module(attn.module) if isinstance(attn.module, tuple) else attn.module
+    module = module_class(attn)
     if module is not MLASelfAttention and not issubclass(module, MxnMLASelfAttention):
         raise MxnConfigError(
             f"the layer spec's self_attention is {module.__qualname__}; the grid replaces "
             "megatron-core's MLASelfAttention itself, not its subclasses")
     core = attn.submodules.core_attention
-    name = (getattr(core, "__module__", None), getattr(core, "__qualname__", None))
-    if name not in MLA_CORES and not (isinstance(core, type) and
-                                       issubclass(core, MxnMlaDotProductAttention)):
+    if not options.is_stock_core(core, MLA_CORES, MxnMlaDotProductAttention):
         raise MxnConfigError(
             f"the MLA spec's core_attention ({getattr(core, '__qualname__', core)}) is not "
             "megatron-core's DotProductAttention / TEDotProductAttention or the plugin's "

@@ -18,10 +18,10 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import import_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from megatron_mxn.attention.layer_specs import layer_specs, module_class
 from megatron_mxn.grid.layout import MxnConfigError
 
 
@@ -85,20 +85,11 @@ def with_mla_core(layer_spec, only_local: bool = False):
     (Transformer Engine's) as it is."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     spec = copy.deepcopy(layer_spec)
-    if isinstance(spec, TransformerBlockSubmodules):
-        layers = spec.layer_specs
-    elif isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
-        layers = spec.submodules.layer_specs
-    else:
-        layers = [spec]
-    for layer in layers:
-        attn = getattr(getattr(layer, "submodules", None), "self_attention", None)
-        module = getattr(attn, "module", attn)
-        module = import_module(module) if isinstance(module, tuple) else module
+    for layer in layer_specs(spec):
+        attn = getattr(layer.submodules, "self_attention", None)
+        module = module_class(attn)
         if not (isinstance(module, type) and issubclass(module, MLASelfAttention)):
             raise MxnConfigError(f"with_mla_core needs an MLA layer spec, got {module}")
         core = attn.submodules.core_attention

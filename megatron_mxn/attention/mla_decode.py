@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_mxn.attention import kernels
+from megatron_mxn.attention.collectives import exchange_head_groups_with_lse
 from megatron_mxn.attention.mask import MaskSpec
-from megatron_mxn.attention.position_cache import PositionShardedCache, owned_positions
+from megatron_mxn.attention.position_cache import PositionShardedCache
 from megatron_mxn.attention.schedules import KVCache
 from megatron_mxn.grid.layout import MxnConfigError
 
@@ -105,24 +106,6 @@ def gather_absorbed_queries(q_absorbed: torch.Tensor, q_pe: torch.Tensor, group,
 
 
 @torch.no_grad()
-def exchange_head_groups_with_lse(partial: torch.Tensor, lse: torch.Tensor, group,
-                                  head_groups: int):
-    """One all-to-all over the n*m ranks: every rank's partial latent output [b, h, sq, L]
-    and log-sum-exp [b, h, sq] -> for this rank's head group, every rank's pieces
-    [n*m, b, h/n, sq, L] and log-sum-exps [n*m, b, h/n, sq] (fp32, rank order). Rank t sends
-    rank (i', j') one fp32 block [b, h/n, sq, L + 1]: head group i''s heads and their lse."""
-    world = dist.get_world_size(group)
-    m = world // head_groups
-    b, h, sq, latent = partial.shape
-    block = torch.cat([partial.float(), lse.float().unsqueeze(-1)], dim=-1)
-    block = block.view(b, head_groups, h // head_groups, sq, latent + 1).transpose(0, 1)
-    send = block.repeat_interleave(m, dim=0).contiguous()  # [n*m, b, h/n, sq, L + 1]
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
-    return received[..., :-1], received[..., -1]
-
-
-@torch.no_grad()
 def latent_position_attention(queries: torch.Tensor, latent: torch.Tensor,
                               cache: PositionShardedCache, start: int, batch: slice, group,
                               head_groups: int, latent_dim: int, scale: float,
@@ -130,22 +113,12 @@ def latent_position_attention(queries: torch.Tensor, latent: torch.Tensor,
     """queries [b, h, sq, L + r] (all heads, absorbed, gather_absorbed_queries), latent
     [sq, b, L + r] (the new tokens' c and rotated k_pe, positions start .. start+sq-1) ->
     this rank's head group's latent output [sq, b, h/n, L] (fp32), exactly combined."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
     sq = queries.size(2)
     cache.store(latent.unsqueeze(2), None, start, batch)
-    end = start + sq
-    lo, hi = mask.key_range(sq, end)
-    first, stop = owned_positions(lo, world, rank), owned_positions(hi, world, rank)
-    own = cache.owned(hi, batch)[0][first:stop].permute(1, 2, 0, 3)  # [b, 1, own, L + r]
-    masked = None
-    if sq > 1 or mask.padding is not None:
-        masked = mask.tensor(sq, stop - first, queries.device,
-                             key_positions=torch.arange(first, stop, device=queries.device)
-                             * world + rank)
+    own, _, masked = cache.visible(mask, sq, start + sq, batch)  # [own, b, 1, L + r]
+    own = own.permute(1, 2, 0, 3)
     # the value of every head is the latent's first L dims: attend to the whole latent, keep L
     partial, lse = kernels.attention_with_lse(queries, own, own, scale=scale, mask=masked)
     pieces, lses = exchange_head_groups_with_lse(partial[..., :latent_dim], lse, group,
                                                  head_groups)
-    weight = torch.exp(lses - torch.logsumexp(lses, dim=0)).nan_to_num(0.0)
-    out = (pieces * weight.unsqueeze(-1)).sum(dim=0)  # [b, h/n, sq, L]
-    return out.permute(2, 0, 1, 3)
+    return kernels.merge_partials(pieces, lses).permute(2, 0, 1, 3)  # [sq, b, h/n, L]

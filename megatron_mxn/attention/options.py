@@ -678,6 +678,14 @@ def check_core_attention(core_attention) -> None:
             "with the wrong softmax scale")
 
 
+def is_stock_core(core, stock, own: Optional[type] = None) -> bool:
+    """Whether a spec's core_attention is one of `stock` ({(module, qualname)}: the cores a
+    replacement computes the same as) or a subclass of `own` (already the replacement)."""
+    name = (getattr(core, "__module__", None), getattr(core, "__qualname__", None))
+    return name in stock or (own is not None and isinstance(core, type) and
+                             issubclass(core, own))
+
+
 def unclassified(fields: Iterable, table: Optional[Dict[str, Option]] = None) -> List[str]:
     """The names among `fields` (names or dataclasses.Field objects) that `table` (default:
     all three tables) does not classify."""

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
 
 from megatron_mxn.attention import kernels
@@ -82,6 +81,21 @@ class PositionShardedCache:
         n = owned_positions(length, self.shards, self.rank)
         return self.key[:n, batch], None if self.value is None else self.value[:n, batch]
 
+    def visible(self, mask: MaskSpec, sq: int, end: int, batch: slice):
+        """(K, V [own, b, kv heads, d] of this rank's positions that the sq rows ending at
+        position end-1 may see (a window leaves older ones out; a rank may own none), and the
+        mask over them: None when one query sees every key of its band)."""
+        m, j = self.shards, self.rank
+        lo, hi = mask.key_range(sq, end)
+        first, stop = owned_positions(lo, m, j), owned_positions(hi, m, j)
+        key, value = self.owned(hi, batch)
+        value = None if value is None else value[first:stop]
+        masked = None
+        if sq > 1 or mask.padding is not None:
+            masked = mask.tensor(sq, stop - first, key.device, key_positions=torch.arange(
+                first, stop, device=key.device) * m + j)
+        return key[first:stop], value, masked
+
 
 @torch.no_grad()
 def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -92,24 +106,16 @@ def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: to
     positions start .. start+sq-1, RoPE applied) -> output [sq, b, hq * d/m] (dims of this
     rank). mask: the new rows against positions 0 .. start+sq-1 (mask.py; q_offset = start).
     sink: [hq] attention-sink logits, one more term of the merged softmax's denominator."""
-    m, j = dist.get_world_size(group), dist.get_rank(group)
     sq, b, hq, dl = query.shape
     hk = key.size(2)
     qkv = all_gather_last_dim_from_tensor_parallel_region(  # [sq, b, hq+2hk, d], rank order
         torch.cat([query, key, value], dim=2), group=group)
     q, k, v = qkv.split([hq, hk, hk], dim=2)
     cache.store(k, v, start, batch)
-    end = start + sq
 
-    # This rank's share: its positions inside the rows' band (a window leaves the older ones
-    # out; a rank may own none), a partial output and its log-sum-exp (fp32).
-    lo, hi = mask.key_range(sq, end)
-    first, stop = owned_positions(lo, m, j), owned_positions(hi, m, j)
-    k_own, v_own = (t[first:stop] for t in cache.owned(hi, batch))
-    masked = None
-    if sq > 1 or mask.padding is not None:  # one query sees every key of its band
-        masked = mask.tensor(sq, stop - first, q.device,
-                             key_positions=torch.arange(first, stop, device=q.device) * m + j)
+    # This rank's share: its positions inside the rows' band, a partial output and its
+    # log-sum-exp (fp32).
+    k_own, v_own, masked = cache.visible(mask, sq, start + sq, batch)
     partial, lse = kernels.attention_with_lse(
         q.permute(1, 2, 0, 3), k_own.permute(1, 2, 0, 3), v_own.permute(1, 2, 0, 3),
         scale=scale, mask=masked)  # [b, hq, sq, d], [b, hq, sq]
@@ -118,11 +124,8 @@ def position_sharded_attention(query: torch.Tensor, key: torch.Tensor, value: to
     # and weighs them by exp(L_i - L) itself, which leaves it dims k of O.
     pieces, lses = exchange_dim_slices_with_lse(  # [m, b, hq, sq, dl], [m, b, hq, sq]
         partial, lse, group)
-    total = torch.logsumexp(lses, dim=0)
-    if sink is not None:  # once per head, not once per rank
-        total = torch.logaddexp(total, sink.float().view(1, hq, 1))
-    weight = torch.exp(lses - total).nan_to_num(0.0)  # (no visible key anywhere: 0)
-    out = (pieces * weight.unsqueeze(-1)).sum(dim=0).permute(2, 0, 1, 3)  # [sq, b, hq, dl]
+    out = kernels.merge_partials(  # (the sink: once per head, not once per rank)
+        pieces, lses, None if sink is None else sink.view(1, hq, 1)).permute(2, 0, 1, 3)
     return out.to(query.dtype).reshape(sq, b, hq * dl)
 
 

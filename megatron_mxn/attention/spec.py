@@ -8,10 +8,10 @@ from typing import Optional
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
-from megatron.core.transformer.spec_utils import ModuleSpec, import_module
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_mxn.attention import hooks
+from megatron_mxn.attention import hooks, options
+from megatron_mxn.attention.layer_specs import layer_specs, module_class
 from megatron_mxn.attention.self_attention import MxnSelfAttention
 from megatron_mxn.attention.core import MxnDotProductAttention
 from megatron_mxn.attention.mla import grid_mla_attention_spec
@@ -40,16 +40,14 @@ def get_mxn_layer_spec(base_spec, dim_slices: Optional[int] = None, rotary_perce
         dim_slices = get_grid().dim_slices
     spec = copy.deepcopy(base_spec)
     try:
-        layers = _layer_specs(spec)
+        layers = layer_specs(spec)
     except MxnConfigError:
         if dim_slices == 1:  # (m = 1 changes only MLA layers of the specs it knows)
             return spec
         raise
     for layer in layers:
         attn = getattr(layer.submodules, "self_attention", None)
-        module = attn.module if isinstance(attn, ModuleSpec) else attn
-        if isinstance(module, tuple):
-            module = import_module(module)
+        module = module_class(attn)
         if isinstance(module, type) and issubclass(module, MLASelfAttention):
             layer.submodules.self_attention = grid_mla_attention_spec(attn)
             continue
@@ -85,9 +83,7 @@ def _check_replaceable(module, core) -> None:
             f"the layer spec's self_attention is {module.__qualname__}, a subclass of "
             "megatron-core's SelfAttention: the grid would replace it (and whatever it "
             "changes) by its own; it replaces only SelfAttention itself")
-    name = (getattr(core, "__module__", None), getattr(core, "__qualname__", None))
-    if name not in _STOCK_CORES and not (isinstance(core, type) and
-                                         issubclass(core, MxnDotProductAttention)):
+    if not options.is_stock_core(core, _STOCK_CORES, MxnDotProductAttention):
         raise MxnConfigError(
             f"the layer spec's core_attention ({getattr(core, '__qualname__', core)}) is not "
             "megatron-core's DotProductAttention or TEDotProductAttention: the grid would "
@@ -108,18 +104,16 @@ def get_fused_tp_layer_spec(base_spec):
     from megatron_mxn.attention.mla import MLA_CORES
 
     spec = copy.deepcopy(base_spec)
-    for layer in _layer_specs(spec):
+    for layer in layer_specs(spec):
         attn = getattr(layer.submodules, "self_attention", None)
-        module = attn.module if isinstance(attn, ModuleSpec) else attn
-        if isinstance(module, tuple):
-            module = import_module(module)
+        module = module_class(attn)
         core = attn.submodules.core_attention
         if core in FUSED_CORES:
             continue  # (a block spec may list one layer spec object several times)
         if module is MLASelfAttention:
-            name = (getattr(core, "__module__", None), getattr(core, "__qualname__", None))
-            if name not in MLA_CORES:
-                raise MxnConfigError(f"the MLA spec's core_attention ({name[1]}) is not one the "
+            if not options.is_stock_core(core, MLA_CORES):
+                raise MxnConfigError(f"the MLA spec's core_attention "
+                                     f"({getattr(core, '__qualname__', core)}) is not one the "
                                      "fused TP core computes the same as")
             fused = FusedMlaDotProductAttention
         elif module is SelfAttention:
@@ -132,16 +126,6 @@ def get_fused_tp_layer_spec(base_spec):
         attn.submodules = copy.copy(attn.submodules)
         attn.submodules.core_attention = fused
     return spec
-
-
-def _layer_specs(spec):
-    if isinstance(spec, TransformerBlockSubmodules):
-        return spec.layer_specs
-    if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
-        return spec.submodules.layer_specs
-    if isinstance(spec, ModuleSpec) and hasattr(spec.submodules, "self_attention"):
-        return [spec]
-    raise MxnConfigError(f"not a GPT layer or block spec: {type(spec).__name__}")
 
 
 def get_mxn_gpt_layer_local_spec(dim_slices: Optional[int] = None,
