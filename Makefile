@@ -6,7 +6,7 @@ PYTHON ?= $(shell scripts/find_python.sh)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements-ci.txt setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast ab ab-long ab-kv-budget ab-mla-long ab-mla-kv-budget plan bench-attention gpu-check venv clean
+.PHONY: demo test test-fast ab ab-long ab-kv-budget ab-mla-long ab-mla-kv-budget plan bench-attention bench-collectives gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,10 @@ plan: $(STAMP)
 
 bench-attention: $(STAMP)
 	$(PY) scripts/bench_attention.py
+
+bench-collectives: $(STAMP)  # what one collective costs on 4 ranks here (the A/Bs measure it too)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 4 \
+		-m megatron_mxn.tools.collective_latency --output-md results/bench_collectives.md
 
 gpu-check: $(STAMP)
 	PYTHON=$(PY) bash scripts/gpu_check.sh

@@ -11,6 +11,8 @@ from megatron_mxn.accounting import calls_by_group, count_rows
 from megatron_mxn.megatron_lm.run_configs import load_config
 from megatron_mxn.analysis.cost_model import ModelShape, kv_cache_bytes, step_collectives, weight_bytes
 from megatron_mxn.analysis.planner import config_layouts
+from megatron_mxn.tools.ab_compare import PRICED
+from megatron_mxn.tools.collective_latency import decode_step_seconds, fit
 from tests.launch import REPO, run_ranks_apart, torchrun
 
 pytestmark = pytest.mark.launches  # (conftest: not in `make test-fast`)
@@ -55,6 +57,28 @@ def test_ab_driver_writes_md_csv_png_with_identical_tokens(cpu_dense_ab):
     assert kv["TP=4 fused"] == kv["TP=4"]  # (the same layout: only the kernel differs)
     png = (results / "ab.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_ab_prices_each_layouts_decode_collectives_at_the_measured_latency(cpu_dense_ab):
+    """The A/B's collective-latency job ran on the same ranks; each layout's column is its
+    decode steps' collectives (its report's comm_steps) priced with that table."""
+    results, proc = cpu_dense_ab
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    table = json.loads((results / "ab" / "cpu_dense" / "collective_latency.json").read_text())
+    assert table["world"] == 4 and table["backend"] == "gloo"
+    md = (results / "ab.md").read_text()
+    assert "### Collective latency (cpu_dense's ranks)" in md and "| all_reduce | 4 |" in md
+    assert "collectives at measured latency x" in md  # in the grid / other lines
+    rows = list(csv.DictReader(open(results / "ab.csv")))
+    priced = {r["layout"]: float(r["median"]) for r in rows if r["metric"] == PRICED}
+    assert sorted(priced) == sorted(LAYOUT_NAMES)
+    fitted = fit(table)
+    for name, report_name in [("TP=2 PP=2", "baseline"), (GRID, "grid"), ("TP=4", "tp"),
+                              ("TP=4 fused", "tp_fused")]:
+        report = json.loads((results / "ab" / "cpu_dense" / f"{report_name}.json").read_text())
+        assert priced[name] == pytest.approx(decode_step_seconds(report, fitted)), name
+        assert priced[name] > 0
+        assert f"| {1e3 * priced[name]:.1f} ms |" in md
 
 
 def test_generation_reports_the_collectives_the_cost_model_predicts(cpu_dense_ab):

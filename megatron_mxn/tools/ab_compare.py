@@ -36,6 +36,7 @@ from megatron_mxn.tools.ab_jobs import (  # noqa: F401 (prefill_score_bytes: tes
     _extra_value,
     _kib,
     make_checkpoint,
+    measure_collective_latency,
     memory_budget_bytes,
     per_repeat_values,
     prefill_score_bytes,
@@ -86,6 +87,11 @@ def parse_args(argv=None):
                         "batch whose KV cache per rank fits it, at each prompt length "
                         "(megatron_mxn/tools/kv_budget.py); reports the batch reached, output "
                         "tokens/s and TPOT")
+    p.add_argument("--no-collective-latency", dest="collective_latency", action="store_false",
+                   help="skip the collective-latency job (megatron_mxn/tools/"
+                        "collective_latency.py) and the column that prices each layout's "
+                        "decode-step collectives with it (the --kv-budget-mib mode does "
+                        "not run it)")
     args, generate_extra = p.parse_known_args(argv)
     if args.load and len(args.config) > 1:
         p.error("--load goes with a single --config")
@@ -146,7 +152,8 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
     head = ["layout"] + [f"{t} ({u})" if u else t for _, t, _, u, _ in METRICS] + [
         "KV cache / rank", "peak mem / rank", "sent / layer / decode step / rank",
         "collectives / layer / decode step", "in collectives / decode step",
-        "CPU time / decode step (all ranks)", "tokens = baseline"]
+        "CPU time / decode step (all ranks)", "collectives at measured latency / decode step / rank",
+        "tokens = baseline"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_hash = ok.get("baseline", {}).get("tokens_sha256")
     for name, r in reports.items():
@@ -166,7 +173,7 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
         lines.append(f"| {r['layout']['name']} | " + " | ".join(
             cells + [_kib(r["kv_cache_bytes_per_rank"]), _kib(r["peak_memory_bytes_per_rank"]),
                      comm, _calls(r["comm_collectives_per_layer_per_decode_step"]),
-                     comm_time(r), cpu_time(r), same]) + " |")
+                     comm_time(r), cpu_time(r), _priced(r), same]) + " |")
     lines.append("")
     for name, why in (skipped or {}).items():
         lines.append(f"Skipped {name}: {why}.")
@@ -178,8 +185,34 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
             parts = [f"{title} x{statistics.median(g[k]) / statistics.median(o[k]):.2f}"
                      for k, title, _, _, _ in METRICS[:3]]
             kv = ok["grid"]["kv_cache_bytes_per_rank"] / ok[other]["kv_cache_bytes_per_rank"]
-            lines.append(f"grid / {other}: " + ", ".join(parts) + f", KV cache x{kv:.2f}.")
+            parts.append(f"KV cache x{kv:.2f}")
+            if PRICED in ok["grid"] and PRICED in ok[other]:
+                parts.append("collectives at measured latency "
+                             f"x{ok['grid'][PRICED] / ok[other][PRICED]:.2f}")
+            lines.append(f"grid / {other}: " + ", ".join(parts) + ".")
     return lines + [""]
+
+
+# a report's decode step priced by the run's collective-latency job (added by main())
+PRICED = "collective_seconds_per_decode_step_at_measured_latency"
+
+
+def _priced(report: dict) -> str:
+    return f"{1e3 * report[PRICED]:.1f} ms" if PRICED in report else "n/a"
+
+
+def latency_section(model: str, table: Optional[dict]) -> List[str]:
+    """The measured latency table behind the priced column (or why it is missing)."""
+    if table is None:
+        return []
+    from megatron_mxn.tools.collective_latency import markdown
+
+    return ([f"### Collective latency ({model}'s ranks)", "",
+            "What each layout's decode-step collectives cost at these prices is the column "
+            "'collectives at measured latency': the part of a rank's decode step that the "
+            "transport alone sets on this machine (a pipeline stage's rank, for PP: a token "
+            "crosses every stage; megatron_mxn/tools/collective_latency.py).", ""]
+            + markdown(table) + [""])
 
 
 def write_csv(path: Path, results: Dict[str, Dict[str, Optional[dict]]],
@@ -205,6 +238,8 @@ def write_csv(path: Path, results: Dict[str, Dict[str, Optional[dict]]],
                     out.writerow(row + [f"sent_bytes_per_layer_step_{group}", v, v, v, 1])
                 for group, v in r["comm_collectives_per_layer_per_decode_step"].items():
                     out.writerow(row + [f"collectives_per_layer_step_{group}", v, v, v, 1])
+                if PRICED in r:
+                    out.writerow(row + [PRICED, r[PRICED], r[PRICED], r[PRICED], 1])
                 out.writerow(row + ["tokens_sha256", r["tokens_sha256"], "", "", 1])
 
 
@@ -306,6 +341,7 @@ def main(argv=None) -> int:
     results: Dict[str, Dict[str, Optional[dict]]] = {}
     skipped: Dict[str, Dict[str, str]] = {}
     sweeps: Dict[str, Dict[int, Dict[str, Optional[dict]]]] = {}
+    latency: Dict[str, Optional[dict]] = {}  # {model: the collective-latency table}
     for cfg_path, model in zip(args.config, stems):
         cfg = load_config(cfg_path)
         missing = [name for name in args.layouts if name not in (cfg.get("layouts") or {})]
@@ -322,6 +358,8 @@ def main(argv=None) -> int:
         model_dir.mkdir(parents=True, exist_ok=True)
         ckpt = Path(args.load) if args.load else make_checkpoint(cfg_path, model_dir, launcher,
                                                                  args.timeout)
+        latency[model] = (measure_collective_latency(model_dir, launcher, args.timeout)
+                          if args.collective_latency and args.kv_budget_mib is None else None)
         if args.kv_budget_mib is not None:
             from megatron_mxn.tools.kv_budget import run_sweep
 
@@ -349,6 +387,11 @@ def main(argv=None) -> int:
                              args.timeout)
                 results[key][name] = (json.loads(report_path.read_text())
                                       if ok and report_path.exists() else None)
+                if results[key][name] is not None and latency[model] is not None:
+                    from megatron_mxn.tools.collective_latency import decode_step_seconds, fit
+
+                    results[key][name][PRICED] = decode_step_seconds(results[key][name],
+                                                                     fit(latency[model]))
     sweep = ("" if not args.prompt_lengths
              else " --prompt-lengths " + ",".join(map(str, args.prompt_lengths)))
     lines = [f"# A/B {run}", "", f"`python scripts/ab_compare.py "
@@ -357,6 +400,8 @@ def main(argv=None) -> int:
              + "".join(f" {a}" for a in args.generate_extra) + "`", ""]
     for key, reports in results.items():
         lines += model_table(key, reports, skipped[key])
+    for model, table in latency.items():
+        lines += latency_section(model, table)
     (out_dir / f"{run}.md").write_text("\n".join(lines))
     write_csv(out_dir / f"{run}.csv", results, skipped)
     write_chart(out_dir / f"{run}.png", results)

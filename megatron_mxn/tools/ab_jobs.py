@@ -3,6 +3,7 @@ run, a checkpoint, the memory check before a job, and the metrics of a generate 
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -136,6 +137,19 @@ def make_checkpoint(cfg_path: str, workdir: Path, launcher: Launcher, timeout: i
     if not run_job(cmd, workdir / "pretrain.log", f"checkpoint for {cfg_path}", timeout):
         raise SystemExit(f"[ab] pretraining the checkpoint failed; see {workdir / 'pretrain.log'}")
     return ckpt
+
+
+def measure_collective_latency(workdir: Path, launcher: Launcher, timeout: int
+                               ) -> Optional[dict]:
+    """The collectives' latency on these ranks (megatron_mxn.tools.collective_latency: one job
+    on the launcher's ranks, before the layouts run); None when the job fails (reported)."""
+    out = workdir / "collective_latency.json"
+    out.unlink(missing_ok=True)
+    cmd = launcher.command(["-m", "megatron_mxn.tools.collective_latency", "--output-json",
+                            str(out)])
+    if not run_job(cmd, workdir / "collective_latency.log", "collective latency", timeout):
+        return None
+    return json.loads(out.read_text())
 
 
 def too_large(cfg: dict, name: str, length: int, args, batch: Optional[int] = None
