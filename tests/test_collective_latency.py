@@ -3,15 +3,13 @@ gloo world, and the prices it puts on a generate report's decode steps."""
 
 import pytest
 
+from megatron_mxn.analysis.collective_prices import call_seconds, fit, step_seconds
 from megatron_mxn.tools.collective_latency import (
     OPS,
     PAYLOADS,
-    call_seconds,
     decode_step_seconds,
-    fit,
     markdown,
     measure,
-    step_seconds,
 )
 
 # as a JSON round trip leaves it: string keys

@@ -69,3 +69,50 @@ def test_kv_cache_sweep_shows_where_each_cache_wins(capsys):
     with pytest.raises(MxnConfigError, match="comma-separated integers, got '4K'"):
         plan.main(["--config", str(REPO / "configs" / "paper_dense.yaml"), "--kv-cache-sweep",
                    "--contexts", "4K"])
+
+
+def _measured_table(world: int) -> dict:
+    """A collective_latency table (as its JSON has it) whose every call costs 1 ms + 1 us
+    per KiB, times the op's index + 1 (so that the ops are told apart)."""
+    from megatron_mxn.tools.collective_latency import OPS, PAYLOADS, group_sizes
+
+    return {"world": world, "backend": "gloo", "seconds": {
+        op: {str(g): {str(p): (k + 1) * (1e-3 + 1e-6 * p / 1024) for p in PAYLOADS}
+             for g in group_sizes(world) if op != "send" or g == 2}
+        for k, op in enumerate(OPS)}}
+
+
+def test_measured_collective_latency_prices_every_collective(tmp_path, capsys):
+    """`--collective-latency`: the cluster's collectives cost what the table measured, not the
+    preset's alpha-beta; a table measured on another number of ranks is refused."""
+    from dataclasses import replace
+
+    from megatron_mxn.accounting import CommRecord
+    from megatron_mxn.analysis.collective_prices import fit
+    from megatron_mxn.analysis.cost_model import Layout
+    from megatron_mxn.analysis.planner import PRESETS, comm_time
+
+    table = _measured_table(4)
+    cluster = replace(PRESETS["cpu-gloo"], prices=fit(table))
+    records = {CommRecord("all_reduce", "TP", 4, 2048): 3,  # op index 0: 1 ms + 2 us
+               CommRecord("all_to_all", "dim-slice", 2, 1024): 2,  # index 3: 4 x 1.001 ms
+               CommRecord("send", "PP", 2, 4096): 1,  # index 5: 6 x 1.004 ms
+               CommRecord("all_reduce", "DP", 1, 4096): 7}  # one rank: free
+    layout = Layout(tp=4, dim_slices=2)
+    got = comm_time(records, layout, cluster)
+    assert got.total_s == pytest.approx(3 * 1.002e-3 + 2 * 4 * 1.001e-3 + 6 * 1.004e-3)
+    preset = comm_time(records, layout, PRESETS["cpu-gloo"])
+    assert preset.total_s != pytest.approx(got.total_s)
+    assert (got.intra_B, got.inter_B) == (preset.intra_B, preset.inter_B)  # bytes unchanged
+
+    path = tmp_path / "latency.json"
+    path.write_text(__import__("json").dumps(table))
+    cpu_long = str(REPO / "configs" / "cpu_long.yaml")
+    plan.main(["--config", cpu_long, "--collective-latency", str(path)])
+    out = capsys.readouterr().out
+    assert f"collectives at the latency measured in {path}" in out
+    plan.main(["--config", cpu_long])
+    assert capsys.readouterr().out != out
+    path.write_text(__import__("json").dumps(_measured_table(2)))
+    with pytest.raises(MxnConfigError, match=r"measured on 2 ranks, but the plan is for 4 GPUs"):
+        plan.main(["--config", cpu_long, "--collective-latency", str(path)])

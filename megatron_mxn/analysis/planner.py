@@ -13,12 +13,13 @@ decode step) and `Prediction` (one layout: a row of the plan; `as_row` for the C
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Union
 
 import yaml
 
 from megatron_mxn.accounting import CommRecord
+from megatron_mxn.analysis.collective_prices import call_seconds
 from megatron_mxn.megatron_lm.run_configs import flag_keys
 from megatron_mxn.analysis.cost_model import (
     Layout,
@@ -64,6 +65,9 @@ class Cluster:
     flops: float  # dense matmul FLOP/s at the model's precision
     efficiency: float = 0.6  # fraction of peak FLOP/s, HBM and link bandwidth reached
     layer_overhead: float = 30e-6  # s per layer and micro-batch: kernel launches, framework
+    # measured per-call prices (analysis.collective_prices.fit of a collective_latency table):
+    # when set, they price every collective instead of the latency and bandwidth above
+    prices: Optional[dict] = field(default=None, compare=False, repr=False)
 
 
 PRESETS = {
@@ -184,6 +188,10 @@ def comm_time(records: Dict[CommRecord, float], layout: Layout, cluster: Cluster
         alpha = cluster.intra_latency if link == "intra" else cluster.inter_latency
         steps = {"all_reduce": 2 * (r.group_size - 1), "send": 1}.get(r.op, r.group_size - 1)
         sent[link] += r.sent_bytes * calls
+        if cluster.prices is not None and r.group_size > 1:  # measured on the machine
+            time[link] += calls * call_seconds(r.op, r.group_size, r.payload_bytes,
+                                               cluster.prices)
+            continue
         time[link] += calls * (steps * alpha + r.sent_bytes / bw)
     return CommTime(intra_s=time["intra"], inter_s=time["inter"], intra_B=sent["intra"],
                     inter_B=sent["inter"])

@@ -152,8 +152,8 @@ def model_table(model: str, reports: Dict[str, Optional[dict]],
     head = ["layout"] + [f"{t} ({u})" if u else t for _, t, _, u, _ in METRICS] + [
         "KV cache / rank", "peak mem / rank", "sent / layer / decode step / rank",
         "collectives / layer / decode step", "in collectives / decode step",
-        "CPU time / decode step (all ranks)", "collectives at measured latency / decode step / rank",
-        "tokens = baseline"]
+        "CPU time / decode step (all ranks)",
+        "collectives at measured latency / decode step / rank", "tokens = baseline"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_hash = ok.get("baseline", {}).get("tokens_sha256")
     for name, r in reports.items():

@@ -9,10 +9,11 @@ layouts issue (all-reduce, all-gather, reduce-scatter, all-to-all, broadcast, se
 of every size G that divides the world, all groups busy at once as in a step, at a small and
 a large payload, and fits t(payload) = alpha + beta * payload per (op, G).
 
-`step_seconds(rows, table)` prices one step's collectives (a generate report's `comm_steps`
-rows: [op, group, G, payload, inside, calls]) with that fit: the A/B's column "collectives at
-measured latency" (tools/ab_compare.py), the part of TPOT a layout cannot go below on this
-machine whatever its compute.
+`decode_step_seconds(report, fit(table))` prices a generate report's decode steps (its
+`comm_steps` rows: [op, group, G, payload, inside, calls]) with that fit
+(megatron_mxn/analysis/collective_prices.py): the A/B's column "collectives at measured
+latency" (tools/ab_compare.py), what the transport alone costs a layout's decode step on this
+machine. The planner takes the same table (`plan --collective-latency FILE`).
 
     python -m torch.distributed.run --nproc-per-node 4 -m megatron_mxn.tools.collective_latency \\
         --output-json collective_latency.json          (make bench-collectives)
@@ -24,7 +25,9 @@ import argparse
 import json
 import statistics
 import time
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, List, Sequence
+
+from megatron_mxn.analysis.collective_prices import cells, fit, step_seconds
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send")
 PAYLOADS = (1024, 256 * 1024)  # bytes: a decode step's size, and one where bandwidth shows
@@ -97,7 +100,7 @@ def measure(iters: int = 30, repeats: int = 5, payloads: Sequence[int] = PAYLOAD
                     for _ in range(iters):
                         call()
                     _sync(device)
-                    took = torch.tensor([(time.perf_counter() - start) / iters])
+                    took = torch.tensor([(time.perf_counter() - start) / iters], device=device)
                     dist.all_reduce(took, op=dist.ReduceOp.MAX)  # the slowest rank's view
                     loops.append(float(took))
                 seconds[op].setdefault(g, {})[payload] = statistics.median(loops)
@@ -112,45 +115,6 @@ def _sync(device) -> None:
         import torch
 
         torch.cuda.synchronize()
-
-
-def cells(table: dict) -> Dict[str, Dict[int, Dict[int, float]]]:
-    """The measured seconds {op: {G: {payload: s}}} with integer keys (JSON makes them
-    strings)."""
-    return {op: {int(g): {int(p): float(s) for p, s in by_p.items()} for g, by_p in by_g.items()}
-            for op, by_g in table["seconds"].items()}
-
-
-def fit(table: dict) -> Dict[str, Dict[int, tuple]]:
-    """{op: {G: (alpha s, beta s/B)}} from the measured table: alpha + beta * payload through
-    the smallest and largest payload measured (beta >= 0)."""
-    out: Dict[str, Dict[int, tuple]] = {}
-    for op, by_g in cells(table).items():
-        for g, by_payload in by_g.items():
-            points = sorted(by_payload.items())
-            (p0, t0), (p1, t1) = points[0], points[-1]
-            beta = max(0.0, (t1 - t0) / (p1 - p0)) if p1 > p0 else 0.0
-            out.setdefault(op, {})[g] = (max(0.0, t0 - beta * p0), beta)
-    return out
-
-
-def call_seconds(op: str, group_size: int, payload: int, fitted: Dict[str, Dict[int, tuple]]
-                 ) -> float:
-    """The fitted time of one call (a send: the two-rank one, whatever the label's size)."""
-    size = 2 if op == "send" else group_size
-    try:
-        alpha, beta = fitted[op][size]
-    except KeyError:
-        raise KeyError(f"no measured time for {op} over {size} ranks (measured: "
-                       f"{ {o: sorted(g) for o, g in fitted.items()} })") from None
-    return alpha + beta * payload
-
-
-def step_seconds(rows: Iterable[Sequence], fitted: Dict[str, Dict[int, tuple]]) -> float:
-    """One step's collectives ([op, group, G, payload, inside, calls] rows) at the fitted
-    prices; collectives over one rank cost nothing."""
-    return sum(calls * call_seconds(op, size, payload, fitted)
-               for op, _group, size, payload, _inside, calls in rows if size > 1)
 
 
 def decode_step_seconds(report: dict, fitted: Dict[str, Dict[int, tuple]]) -> float:

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from megatron_mxn.accounting import format_bytes
 from megatron_mxn.analysis import mla
 from megatron_mxn.analysis.budget import BudgetRow, MlaBudgetRow, budget_rows, mla_budget_rows
+from megatron_mxn.analysis.collective_prices import fit
 from megatron_mxn.analysis.cost_model import Layout, ModelShape, check_layout
 from megatron_mxn.analysis.planner import (
     BASELINE,
@@ -309,6 +310,25 @@ def _ints(text: str) -> List[int]:
         raise MxnConfigError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def with_measured_prices(cluster: Cluster, path: str) -> Cluster:
+    """The cluster with its collectives priced by a collective_latency table measured on as
+    many ranks as it has GPUs (the table's groups are the plan's group sizes)."""
+    import json
+
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError) as err:
+        raise MxnConfigError(f"--collective-latency {path}: not a collective_latency JSON "
+                             f"table ({err})") from None
+    if table.get("world") != cluster.gpus:
+        raise MxnConfigError(
+            f"--collective-latency {path} was measured on {table.get('world')} ranks, but the "
+            f"plan is for {cluster.gpus} GPUs: measure on the plan's GPUs (or set --gpus)")
+    return replace(cluster, name=f"{cluster.name}; collectives at the latency measured in "
+                                 f"{path}", prices=fit(table))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="model YAML (configs/)")
@@ -326,6 +346,11 @@ def main(argv=None) -> int:
                         "dynamic inference engine does (megatron_mxn.inference.generate prefills the "
                         "whole prompt at once: the default)")
     p.add_argument("--gpus", type=int, default=None, help="override the cluster's GPU count")
+    p.add_argument("--collective-latency", default=None, metavar="JSON",
+                   help="price every collective with the table measured on the cluster itself "
+                        "(python -m torch.distributed.run --nproc-per-node G -m "
+                        "megatron_mxn.tools.collective_latency --output-json JSON, on the "
+                        "plan's GPUs) instead of the preset's latency and bandwidth")
     p.add_argument("--top", type=int, default=12, help="rows shown (the baseline always)")
     p.add_argument("--out", default=None, help="also write OUT.csv and OUT.png")
     p.add_argument("--kv-cache-sweep", action="store_true",
@@ -349,6 +374,8 @@ def main(argv=None) -> int:
                                                                           "h100-sxm-2x8"))
     if args.gpus:
         cluster = replace(cluster, gpus=args.gpus)
+    if args.collective_latency:
+        cluster = with_measured_prices(cluster, args.collective_latency)
     inf = cfg.get("inference") or {}
     tr = cfg.get("training") or {}
     work = Workload(
