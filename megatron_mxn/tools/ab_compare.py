@@ -202,7 +202,8 @@ def _priced(report: dict) -> str:
 
 
 def latency_section(model: str, table: Optional[dict]) -> List[str]:
-    """The measured latency table behind the priced column (or why it is missing)."""
+    """The measured latency table behind the priced column (nothing when its job was skipped
+    or failed: the column then says n/a)."""
     if table is None:
         return []
     from megatron_mxn.tools.collective_latency import markdown
@@ -388,7 +389,8 @@ def main(argv=None) -> int:
                 results[key][name] = (json.loads(report_path.read_text())
                                       if ok and report_path.exists() else None)
                 if results[key][name] is not None and latency[model] is not None:
-                    from megatron_mxn.tools.collective_latency import decode_step_seconds, fit
+                    from megatron_mxn.analysis.collective_prices import fit
+                    from megatron_mxn.tools.collective_latency import decode_step_seconds
 
                     results[key][name][PRICED] = decode_step_seconds(results[key][name],
                                                                      fit(latency[model]))
