@@ -178,21 +178,22 @@ class CommTime:
 
 
 def comm_time(records: Dict[CommRecord, float], layout: Layout, cluster: Cluster) -> CommTime:
-    """Alpha-beta time (a ring of G ranks takes G-1 latency steps per pass) and bytes sent,
-    per link type."""
+    """Alpha-beta time (a ring of G ranks takes G-1 latency steps per pass; or the cluster's
+    measured prices) and bytes sent, per link type."""
     time = {"intra": 0.0, "inter": 0.0}
     sent = {"intra": 0.0, "inter": 0.0}
     for r, calls in records.items():
         link = link_of(r.group, layout, cluster)
-        bw = (cluster.intra_bw if link == "intra" else cluster.inter_bw) * cluster.efficiency
-        alpha = cluster.intra_latency if link == "intra" else cluster.inter_latency
-        steps = {"all_reduce": 2 * (r.group_size - 1), "send": 1}.get(r.op, r.group_size - 1)
         sent[link] += r.sent_bytes * calls
         if cluster.prices is not None and r.group_size > 1:  # measured on the machine
             time[link] += calls * call_seconds(r.op, r.group_size, r.payload_bytes,
                                                cluster.prices)
-            continue
-        time[link] += calls * (steps * alpha + r.sent_bytes / bw)
+        else:
+            bw = (cluster.intra_bw if link == "intra" else cluster.inter_bw) * cluster.efficiency
+            alpha = cluster.intra_latency if link == "intra" else cluster.inter_latency
+            steps = {"all_reduce": 2 * (r.group_size - 1), "send": 1}.get(r.op,
+                                                                          r.group_size - 1)
+            time[link] += calls * (steps * alpha + r.sent_bytes / bw)
     return CommTime(intra_s=time["intra"], inter_s=time["inter"], intra_B=sent["intra"],
                     inter_B=sent["inter"])
 

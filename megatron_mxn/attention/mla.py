@@ -322,8 +322,8 @@ def mla_layout(config, head_groups: int, dim_slices: int) -> MlaLayout:
 # The MLA cores the grid's reproduces: megatron-core's (which need TE for MLA) and the plugin's
 # reference (mla_core.MlaDotProductAttention).
 MLA_CORES = {("megatron.core.transformer.dot_product_attention", "DotProductAttention"),
-              ("megatron.core.extensions.transformer_engine", "TEDotProductAttention"),
-              ("megatron_mxn.attention.mla_core", "MlaDotProductAttention")}
+             ("megatron.core.extensions.transformer_engine", "TEDotProductAttention"),
+             ("megatron_mxn.attention.mla_core", "MlaDotProductAttention")}
 
 
 def grid_mla_attention_spec(attn: ModuleSpec) -> ModuleSpec:

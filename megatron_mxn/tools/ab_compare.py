@@ -29,6 +29,7 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from megatron_mxn.analysis.collective_prices import fit
 from megatron_mxn.megatron_lm.run_configs import flag_keys, load_config
 from megatron_mxn.tools.ab_jobs import (  # noqa: F401 (prefill_score_bytes: tests, docs)
     Launcher,
@@ -361,6 +362,7 @@ def main(argv=None) -> int:
                                                                  args.timeout)
         latency[model] = (measure_collective_latency(model_dir, launcher, args.timeout)
                           if args.collective_latency and args.kv_budget_mib is None else None)
+        prices = None if latency[model] is None else fit(latency[model])
         if args.kv_budget_mib is not None:
             from megatron_mxn.tools.kv_budget import run_sweep
 
@@ -388,12 +390,10 @@ def main(argv=None) -> int:
                              args.timeout)
                 results[key][name] = (json.loads(report_path.read_text())
                                       if ok and report_path.exists() else None)
-                if results[key][name] is not None and latency[model] is not None:
-                    from megatron_mxn.analysis.collective_prices import fit
+                if results[key][name] is not None and prices is not None:
                     from megatron_mxn.tools.collective_latency import decode_step_seconds
 
-                    results[key][name][PRICED] = decode_step_seconds(results[key][name],
-                                                                     fit(latency[model]))
+                    results[key][name][PRICED] = decode_step_seconds(results[key][name], prices)
     sweep = ("" if not args.prompt_lengths
              else " --prompt-lengths " + ",".join(map(str, args.prompt_lengths)))
     lines = [f"# A/B {run}", "", f"`python scripts/ab_compare.py "

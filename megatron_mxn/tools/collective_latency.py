@@ -62,11 +62,9 @@ def _run_op(op: str, group, payload: int, device):
     if op == "broadcast":
         root = dist.get_global_rank(group, 0)
         return lambda: dist.broadcast(full, root, group=group)
-    if op == "send":  # one hop: the group's first rank to its second (PP's activations)
+    if op == "send":  # one hop in a group of two: its first rank to its second (PP's activations)
         me = dist.get_group_rank(group, dist.get_rank())
-        peer = dist.get_global_rank(group, 1 - me) if me < 2 else None
-        if peer is None:
-            return lambda: None
+        peer = dist.get_global_rank(group, 1 - me)
         if me == 0:
             return lambda: dist.send(full, peer, group=group)
         return lambda: dist.recv(full, peer, group=group)
